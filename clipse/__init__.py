@@ -1,0 +1,3 @@
+"""clipse: hyperparameter search and benchmarking for CLIP training with SANW losses."""
+
+__version__ = "0.1.0"

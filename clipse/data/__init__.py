@@ -1,0 +1,56 @@
+"""Datasets: readers for the supported formats, the synthetic default, and tensor caches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from clipse.data.cache import cached_images, cached_tokens
+from clipse.data.readers import DATA_KINDS, read_dataset, read_flickr8k
+from clipse.data.records import SPLITS, CaptionDataset, CaptionSplit
+from clipse.data.synthetic import ShapesSpec, ensure_shapes_dataset
+from clipse.errors import UserError
+
+
+def load_caption_dataset(kind: str, root: str | Path | None = None, image_root: str | Path | None = None, *,
+                         shapes: ShapesSpec = ShapesSpec(), split_seed: int = 0,
+                         val_fraction: float = 0.1, test_fraction: float = 0.1) -> CaptionDataset:
+    """Any supported dataset in the common in-memory form; ``shapes`` is generated on first use
+    (under ``root`` when given, else in the cache) and read back with the Flickr8k reader."""
+    image_root = Path(image_root) if image_root else None
+    if kind == "shapes":
+        folder = ensure_shapes_dataset(shapes, Path(root) if root else None)
+        dataset = read_flickr8k(folder, image_root)
+        dataset.name = f"shapes:{shapes.folder_name}"
+        return dataset
+    if root is None:
+        raise UserError(f"--data {kind} needs --data-root (the dataset's folder or file)")
+    return read_dataset(kind, Path(root), image_root, split_seed=split_seed,
+                        val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+@dataclass
+class SplitTensors:
+    """A split ready for training or evaluation: decoded images and tokenised captions."""
+
+    images: torch.Tensor         # (N, 3, R, R) uint8
+    tokens: torch.Tensor         # (C, L) int64
+    caption_image: torch.Tensor  # (C,) int64
+    captions: list[str]
+
+
+def load_split_tensors(split: CaptionSplit, split_name: str, resolution: int,
+                       tokenize: Callable[[list[str]], torch.Tensor], tokenizer_id: str) -> SplitTensors:
+    return SplitTensors(
+        images=cached_images(split.image_paths, resolution, split_name),
+        tokens=cached_tokens(split.captions, tokenize, tokenizer_id),
+        caption_image=torch.as_tensor(split.caption_image),
+        captions=split.captions,
+    )
+
+
+__all__ = ["DATA_KINDS", "SPLITS", "CaptionDataset", "CaptionSplit", "ShapesSpec", "SplitTensors",
+           "load_caption_dataset", "load_split_tensors"]

@@ -1,0 +1,96 @@
+"""Decode-once caches: images as resized uint8 tensors, captions as token tensors (SPEC §3).
+
+Cache files live under ``$CLIPSE_CACHE/tensors``, named by a hash of what they were made from
+(image paths with size and modification time, the split and the resolution; or the captions
+and the tokenizer), so a changed file or setting makes a new entry instead of a stale hit.
+Writes go through a temporary file and an atomic rename, so concurrent workers are safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from clipse.errors import UserError
+from clipse.paths import cache_dir
+
+CACHE_FORMAT = 1
+
+
+def _digest(parts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def _cache_file(kind: str, key: str) -> Path:
+    return cache_dir() / "tensors" / f"{kind}-{key}.npy"
+
+
+def _load_or_build(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
+    if path.is_file():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            pass  # a damaged entry is rebuilt below
+    array = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+    return array
+
+
+def decode_image(path: Path, resolution: int) -> np.ndarray:
+    """RGB, shorter side resized to ``resolution`` (bicubic), centre-cropped square: (3, R, R)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (resolution * 2, resolution * 2))  # JPEG: decode at reduced scale
+            square = ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise UserError(f"{path}: cannot decode image ({exc})") from None
+    return np.asarray(square, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def cached_images(paths: Sequence[Path], resolution: int, split: str) -> torch.Tensor:
+    """All images of a split as one (N, 3, R, R) uint8 tensor, decoded once and cached."""
+    parts = [f"images{CACHE_FORMAT}", split, str(resolution)]
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise UserError(f"{path}: image file not found") from None
+        parts.append(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+
+    def build() -> np.ndarray:
+        out = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
+        for row, path in enumerate(tqdm(paths, desc=f"decoding {split} images", unit="img",
+                                        disable=None if len(paths) > 2000 else True, leave=False)):
+            out[row] = decode_image(path, resolution)
+        return out
+
+    return torch.from_numpy(_load_or_build(_cache_file("images", _digest(parts)), build))
+
+
+def cached_tokens(captions: Sequence[str], tokenize: Callable[[list[str]], torch.Tensor],
+                  tokenizer_id: str) -> torch.Tensor:
+    """Token ids of every caption, (C, context_length), tokenised once and cached."""
+    key = _digest([f"tokens{CACHE_FORMAT}", tokenizer_id, *captions])
+
+    def build() -> np.ndarray:
+        return tokenize(list(captions)).numpy().astype(np.int32)
+
+    return torch.from_numpy(_load_or_build(_cache_file("tokens", key), build)).long()

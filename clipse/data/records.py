@@ -1,0 +1,46 @@
+"""The one in-memory form every dataset reader produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class CaptionSplit:
+    """One split: unique images, and one entry per caption pointing at its image's row."""
+
+    image_paths: list[Path]
+    captions: list[str]
+    caption_image: np.ndarray  # (C,) int64 row in image_paths of each caption
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.captions)
+
+
+@dataclass
+class CaptionDataset:
+    name: str                       # e.g. "flickr8k", "karpathy:dataset_coco.json"
+    splits: dict[str, CaptionSplit] = field(default_factory=dict)
+
+    def split(self, name: str) -> CaptionSplit:
+        return self.splits[name]
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{name} {len(s.image_paths)} images / {s.n_pairs} pairs" for name, s in self.splits.items())
+
+
+def build_split(captions_by_image: dict[Path, list[str]]) -> CaptionSplit:
+    """Images in the given order; captions grouped by image in their own order."""
+    image_paths, captions, owner = [], [], []
+    for row, (path, texts) in enumerate(captions_by_image.items()):
+        image_paths.append(path)
+        captions.extend(texts)
+        owner.extend([row] * len(texts))
+    return CaptionSplit(image_paths, captions, np.asarray(owner, dtype=np.int64))

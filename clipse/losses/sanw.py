@@ -1,0 +1,75 @@
+"""Similarity-Aware Negative Weighting: affinity, the two weight families, normalisation, stats."""
+
+from __future__ import annotations
+
+import torch
+
+# Statistic thresholds of SPEC §1: a negative is "suppressed" below 0.9, "emphasised" above 1.1.
+SUPPRESSED_BELOW = 0.9
+EMPHASISED_ABOVE = 1.1
+BAND_COVERED_ABOVE = 0.5
+
+
+@torch.no_grad()
+def affinity(image_emb: torch.Tensor, text_emb: torch.Tensor, rho: float = 0.5) -> torch.Tensor:
+    """``A_ij = rho <v_i, v_j> + (1 - rho) <u_i, u_j>``, without gradient, in float32 or wider."""
+    u = image_emb.detach()
+    v = text_emb.detach()
+    if u.dtype in (torch.float16, torch.bfloat16):
+        u, v = u.float(), v.float()
+    return rho * (v @ v.T) + (1.0 - rho) * (u @ u.T)
+
+
+def debias_raw_weights(aff: torch.Tensor, *, alpha: float, delta: float, lam: float) -> torch.Tensor:
+    """``w~ = 1 - alpha * sigmoid(lambda * (A - delta))``: likely false negatives count less."""
+    return 1.0 - alpha * torch.sigmoid(lam * (aff - delta))
+
+
+def band_response(aff: torch.Tensor, *, m1: float, m2: float, gamma: float) -> torch.Tensor:
+    """``b = sigmoid((A - m1) / gamma) * sigmoid((m2 - A) / gamma)``: high inside [m1, m2]."""
+    return torch.sigmoid((aff - m1) / gamma) * torch.sigmoid((m2 - aff) / gamma)
+
+
+def mass_preserving(raw: torch.Tensor) -> torch.Tensor:
+    """Rescale each row's off-diagonal weights to average 1; the diagonal is set to 1.
+
+    So the total negative mass equals InfoNCE's and only its distribution changes. With a
+    single sample there are no negatives and the weights are just ``[[1]]``.
+    """
+    batch = raw.shape[0]
+    eye = torch.eye(batch, dtype=torch.bool, device=raw.device)
+    if batch < 2:
+        return torch.ones_like(raw)
+    off = raw.masked_fill(eye, 0.0)
+    weights = off * ((batch - 1) / off.sum(dim=1, keepdim=True))
+    return weights.masked_fill(eye, 1.0)
+
+
+@torch.no_grad()
+def weight_stats(
+    weights: torch.Tensor, aff: torch.Tensor, band: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """SPEC §1 statistics over the off-diagonal entries (NaN when the batch has no negatives).
+
+    Values stay 0-d tensors so that a training step does not have to synchronise a GPU;
+    ``weight_std`` is the population standard deviation.
+    """
+    off = ~torch.eye(weights.shape[0], dtype=torch.bool, device=weights.device)
+    w = weights[off].float()
+    if w.numel() == 0:
+        nan = torch.tensor(float("nan"), device=weights.device)
+        names = ["weight_mean", "weight_std", "weight_min", "weight_max", "share_suppressed",
+                 "share_emphasised", "affinity_mean"] + (["band_coverage"] if band is not None else [])
+        return {name: nan for name in names}
+    stats = {
+        "weight_mean": w.mean(),
+        "weight_std": w.std(unbiased=False),
+        "weight_min": w.min(),
+        "weight_max": w.max(),
+        "share_suppressed": (w < SUPPRESSED_BELOW).float().mean(),
+        "share_emphasised": (w > EMPHASISED_ABOVE).float().mean(),
+        "affinity_mean": aff[off].float().mean(),
+    }
+    if band is not None:
+        stats["band_coverage"] = (band[off] > BAND_COVERED_ABOVE).float().mean()
+    return stats

@@ -1,0 +1,102 @@
+"""Retrieval metrics of SPEC §2 (the CLIP_benchmark protocol plus median rank and mAP@10).
+
+Every image and every caption is encoded once; ``S = text_emb @ image_emb.T``. Ranks are
+1-based: 1 + the number of candidates scored strictly higher. Text->image has one relevant
+image per caption; image->text has all of the image's captions relevant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+RECALL_KS = (1, 5, 10)
+MAP_DEPTH = 10
+METRIC_KEYS = (
+    "i2t_r1", "i2t_r5", "i2t_r10", "i2t_mr", "i2t_map10",
+    "t2i_r1", "t2i_r5", "t2i_r10", "t2i_mr", "t2i_map10",
+    "r1_mean", "rsum",
+)
+# Rows of the score matrix compared at once: keeps the temporaries in cache.
+_ROW_BLOCK = 256
+
+
+@dataclass
+class RetrievalRanks:
+    """Per-query results, kept so that reports can bootstrap over test images."""
+
+    t2i_rank: np.ndarray          # (C,) rank of each caption's image among all images
+    i2t_best_rank: np.ndarray     # (N,) rank of each image's best-ranked caption
+    i2t_ap10: np.ndarray          # (N,) AP@10 of each image over its captions
+    caption_image: np.ndarray     # (C,) row of each caption's image
+
+
+def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image_index) -> RetrievalRanks:
+    """Rank every query of both directions, vectorised (no Python loop over queries)."""
+    images = image_emb.detach().float().cpu()
+    texts = text_emb.detach().float().cpu()
+    owner = torch.as_tensor(np.asarray(caption_image_index), dtype=torch.long)
+    n_images, n_captions = images.shape[0], texts.shape[0]
+    if owner.shape != (n_captions,):
+        raise ValueError(f"caption_image_index has shape {tuple(owner.shape)}, expected ({n_captions},)")
+    if n_captions and (owner.min() < 0 or owner.max() >= n_images):
+        raise ValueError("caption_image_index points outside the image rows")
+    captions_per_image = torch.bincount(owner, minlength=n_images)
+    if n_images == 0 or (captions_per_image == 0).any():
+        raise ValueError("every image needs at least one caption")
+
+    scores = images @ texts.T                                   # (N, C); each score computed once
+    own = scores[owner, torch.arange(n_captions)]               # (C,) caption k with its own image
+    best_own = torch.full((n_images,), float("-inf")).scatter_reduce(0, owner, own, reduce="amax")
+
+    # Counts go through float32 sums (exact below 2**24 candidates): much faster than bool sums.
+    t2i_higher = torch.zeros(n_captions)
+    i2t_higher = torch.empty(n_images)
+    for start in range(0, n_images, _ROW_BLOCK):
+        rows = scores[start:start + _ROW_BLOCK]
+        t2i_higher += (rows > own).to(torch.float32).sum(dim=0)
+        i2t_higher[start:start + _ROW_BLOCK] = (rows > best_own[start:start + _ROW_BLOCK, None]).to(torch.float32).sum(dim=1)
+
+    # AP@10 = (1 / min(R, 10)) * sum_k P@k * rel_k over the first 10 positions of the ranked
+    # caption list (positions, not tie-aware ranks, so that AP stays <= 1 when scores tie).
+    depth = min(MAP_DEPTH, n_captions)
+    top_captions = torch.topk(scores, depth, dim=1).indices
+    relevant = (owner[top_captions] == torch.arange(n_images)[:, None]).double()
+    position = torch.arange(1, depth + 1, dtype=torch.float64)
+    ap10 = (relevant * relevant.cumsum(dim=1) / position).sum(dim=1) / captions_per_image.clamp(max=MAP_DEPTH).double()
+    return RetrievalRanks(
+        t2i_rank=(t2i_higher.long() + 1).numpy(),
+        i2t_best_rank=(i2t_higher.long() + 1).numpy(),
+        i2t_ap10=ap10.numpy(),
+        caption_image=owner.numpy(),
+    )
+
+
+def metrics_from_ranks(ranks: RetrievalRanks, image_counts: np.ndarray | None = None) -> dict[str, float]:
+    """The SPEC §2 metric dict. ``image_counts`` weighs each image (and its captions) that many
+    times, as a bootstrap resample of the test images does; ``None`` weighs all once."""
+    counts = np.ones(len(ranks.i2t_best_rank)) if image_counts is None else np.asarray(image_counts, float)
+    caption_counts = counts[ranks.caption_image]
+
+    def directional(rank: np.ndarray, weights: np.ndarray, ap10: np.ndarray, prefix: str) -> dict:
+        out = {f"{prefix}_r{k}": float(np.average(rank <= k, weights=weights)) for k in RECALL_KS}
+        out[f"{prefix}_mr"] = float(np.median(np.repeat(rank, weights.astype(int))))
+        out[f"{prefix}_map10"] = float(np.average(ap10, weights=weights))
+        return out
+
+    t2i_rr = np.where(ranks.t2i_rank <= MAP_DEPTH, 1.0 / ranks.t2i_rank, 0.0)
+    metrics = {
+        **directional(ranks.i2t_best_rank, counts, ranks.i2t_ap10, "i2t"),
+        **directional(ranks.t2i_rank, caption_counts, t2i_rr, "t2i"),
+    }
+    metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
+    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
+    return {key: metrics[key] for key in METRIC_KEYS}
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image_index) -> dict[str, float]:
+    """SPEC §8 API: metrics for N images and C captions; ``caption_image_index[k]`` is the row
+    of caption k's image. Recalls are fractions in [0, 1]; MR is a (possibly .5) median rank."""
+    return metrics_from_ranks(retrieval_ranks(image_emb, text_emb, caption_image_index))
