@@ -7,6 +7,7 @@ with one line on stderr, 1 for anything else.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from typing import Callable
 
@@ -34,3 +35,10 @@ def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[s
             return 130
 
     return wrapper
+
+
+def configure_logging() -> None:
+    """clipse's own messages (warnings, skipped-data counts, chosen splits) at INFO on stderr;
+    other libraries' chatter only from WARNING up."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("clipse").setLevel(logging.INFO)

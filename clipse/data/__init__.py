@@ -16,12 +16,14 @@ from clipse.errors import UserError
 
 
 def load_caption_dataset(kind: str, root: str | Path | None = None, image_root: str | Path | None = None, *,
-                         shapes: ShapesSpec = ShapesSpec(), split_seed: int = 0,
+                         shapes: ShapesSpec | None = None, split_seed: int = 0,
                          val_fraction: float = 0.1, test_fraction: float = 0.1) -> CaptionDataset:
     """Any supported dataset in the common in-memory form; ``shapes`` is generated on first use
     (under ``root`` when given, else in the cache) and read back with the Flickr8k reader."""
     image_root = Path(image_root) if image_root else None
     if kind == "shapes":
+        if shapes is None:
+            raise ValueError("kind 'shapes' needs a ShapesSpec")
         folder = ensure_shapes_dataset(shapes, Path(root) if root else None)
         dataset = read_flickr8k(folder, image_root)
         dataset.name = f"shapes:{shapes.folder_name}"

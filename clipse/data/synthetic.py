@@ -38,9 +38,9 @@ PREFIXES = ("", "a picture of ", "an image with ", "there is ")
 class ShapesSpec:
     """Sizes (in images) of the generated splits; five captions per image."""
 
-    train_images: int = 1000
-    val_images: int = 200
-    test_images: int = 200
+    train_images: int
+    val_images: int
+    test_images: int
     seed: int = 0
 
     @property

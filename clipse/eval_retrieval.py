@@ -1,0 +1,100 @@
+"""Retrieval evaluation of a checkpoint (SPEC §2), and the public ``retrieval_metrics`` API.
+
+    python -m clipse.eval_retrieval --checkpoint studies/adhoc/runs/<run>/best.pt --split test
+
+A clipse checkpoint carries its run's configuration (model, data); any other checkpoint needs
+``--model`` and the data flags. ``--json`` prints one JSON object with the SPEC §8 metric keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from clipse.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors
+from clipse.config import TrainConfig, add_config_arguments, config_overrides
+from clipse.errors import UserError, cli_main, configure_logging
+from clipse.evaluation import ImageNormalizer, evaluate_split
+from clipse.metrics import METRIC_KEYS, retrieval_metrics
+
+__all__ = ["retrieval_metrics", "evaluate_checkpoint", "format_table", "main"]
+
+CONFIG_FLAGS = ["data", "data_root", "image_root", "data_seed", "shapes_train_images", "shapes_val_images",
+                "shapes_test_images", "val_fraction", "test_fraction", "model", "device"]
+
+
+def checkpoint_config(path: Path) -> TrainConfig | None:
+    """The run configuration stored in a clipse checkpoint, or None for a foreign checkpoint."""
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # many kinds for a damaged or foreign file
+        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("config"), dict):
+        return TrainConfig.from_mapping(state["config"], f"{path} (stored config)")
+    return None
+
+
+def evaluate_checkpoint(path: Path, split: str, overrides: dict) -> tuple[dict[str, float], dict]:
+    """Metrics of the checkpoint's weights on a split, plus a description of what was scored."""
+    stored = checkpoint_config(path)
+    if stored is None and "model" not in overrides:
+        raise UserError(f"{path}: not a clipse checkpoint (no stored configuration); pass --model and the data flags")
+    config = TrainConfig.from_mapping(overrides, "command line", base=stored or TrainConfig())
+    config = config.replace(pretrained=str(path), lock_image=False, lock_text=False).validate()
+    device = resolve_device(config.device)
+    loaded = model_for(config)
+    dataset = dataset_for(config)
+    tensors = split_tensors(dataset, split, loaded)
+    metrics, _ = evaluate_split(loaded.model.to(device), tensors, ImageNormalizer(loaded.mean, loaded.std, device),
+                                autocast_for(device))
+    about = {"checkpoint": str(path), "split": split, "dataset": dataset.name, "model": config.model,
+             "images": len(tensors.images), "captions": len(tensors.tokens)}
+    return metrics, about
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """The SPEC §2 table: one row per direction, recalls in percent."""
+    header = f"{'':12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MR':>8}{'mAP@10':>9}"
+    rows = [header]
+    for prefix, label in (("i2t", "image->text"), ("t2i", "text->image")):
+        rows.append(f"{label:12}" + "".join(f"{100 * metrics[f'{prefix}_r{k}']:8.2f}" for k in (1, 5, 10))
+                    + f"{metrics[f'{prefix}_mr']:8.1f}{100 * metrics[f'{prefix}_map10']:9.2f}")
+    rows.append(f"R@1 mean {100 * metrics['r1_mean']:.2f}   RSUM {100 * metrics['rsum']:.2f}")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clipse.eval_retrieval",
+                                     description="Image-text retrieval metrics of a checkpoint on a split.")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="best.pt / last.pt of a run, or any "
+                        "OpenCLIP checkpoint (then give --model and the data flags)")
+    parser.add_argument("--split", choices=("val", "test"), default="test")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the metrics")
+    add_config_arguments(parser, only=CONFIG_FLAGS)
+    return parser
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    metrics, about = evaluate_checkpoint(args.checkpoint, args.split, config_overrides(args))
+    if args.json:
+        print(json.dumps({key: metrics[key] for key in METRIC_KEYS}))
+    else:
+        print(f"{about['split']} split of {about['dataset']}: {about['images']} images, {about['captions']} captions; "
+              f"model {about['model']} from {about['checkpoint']}")
+        print(format_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

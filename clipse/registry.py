@@ -1,0 +1,68 @@
+"""``run_registry.csv``: one row per finished run, appended safely by concurrent processes."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import open_clip
+import torch
+
+from clipse import __version__
+from clipse.metrics import METRIC_KEYS
+from clipse.paths import PROJECT_ROOT
+
+REGISTRY_COLUMNS = (
+    ["run_id", "study", "trial", "status", "loss", "params", "epochs_done", "best_epoch"]
+    + [f"val_{k}" for k in METRIC_KEYS] + [f"test_{k}" for k in METRIC_KEYS]
+    + ["duration_s", "host", "versions", "git_commit", "run_dir", "finished_at"]
+)
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def versions() -> str:
+    return json.dumps({"clipse": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                       "python": platform.python_version()})
+
+
+def host() -> str:
+    return platform.node()
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append under an exclusive lock; the header is written by whoever finds the file empty.
+    A registry written by another clipse version keeps its own columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", newline="") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.seek(0)
+            header_line = handle.readline()
+            columns = next(csv.reader([header_line])) if header_line.strip() else list(REGISTRY_COLUMNS)
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+            if not header_line.strip():
+                writer.writeheader()
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            handle.seek(0, os.SEEK_END)
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

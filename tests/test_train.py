@@ -1,0 +1,194 @@
+"""The trainer: outputs, determinism, resume after a kill, divergence, callbacks, schedule."""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from clipse import train as train_module
+from clipse.config import TrainConfig
+from clipse.errors import UserError
+from clipse.metrics import METRIC_KEYS
+from clipse.train import build_optimizer, learning_rate, train
+
+TIMING_COLUMNS = ["seconds", "samples_per_s"]
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_folder_outputs(tiny):
+    config = tiny(loss="sanw_bandpass", alpha=0.5, log_every=2)
+    result = train(config)
+    run = Path(config.run_dir)
+    assert result.status == "completed" and result.epochs_done == 2
+    for name in ("config.yaml", "training.csv", "epochs.csv", "last.pt", "best.pt", "result.json"):
+        assert (run / name).is_file(), name
+    steps = read_csv(run / "training.csv")
+    assert {"epoch", "step", "loss", "temperature", "lr", "grad_norm", "samples_per_s", "weight_mean",
+            "weight_std", "weight_min", "weight_max", "share_suppressed", "share_emphasised",
+            "band_coverage", "affinity_mean"} <= set(steps[0])
+    assert [int(r["step"]) for r in steps] == sorted({*range(2, 1 + 2 * 15, 2), 15, 30})  # every 2nd + epoch ends
+    epochs = read_csv(run / "epochs.csv")
+    assert [int(r["epoch"]) for r in epochs] == [1, 2]
+    assert {"train_loss", "seconds", *(f"val_{k}" for k in METRIC_KEYS)} <= set(epochs[0])
+    registry = read_csv(config.registry)
+    assert len(registry) == 1 and registry[0]["status"] == "completed" and registry[0]["loss"] == "sanw_bandpass"
+    assert float(registry[0]["val_r1_mean"]) == pytest.approx(result.best_metrics["val_r1_mean"])
+    assert 0.0 <= result.best_value <= 1.0
+    # the SANW statistics are real: with alpha 0.5 the weights are not all 1
+    assert float(steps[-1]["weight_std"]) > 0
+
+
+def test_two_runs_are_identical_on_cpu(tiny, tmp_path):
+    first = train(tiny(run_dir=str(tmp_path / "a"), loss="sanw_debias", topical_batching=True))
+    second = train(tiny(run_dir=str(tmp_path / "b"), loss="sanw_debias", topical_batching=True))
+    a = pd.read_csv(Path(first.run_dir) / "epochs.csv").drop(columns=TIMING_COLUMNS)
+    b = pd.read_csv(Path(second.run_dir) / "epochs.csv").drop(columns=TIMING_COLUMNS)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    third = train(tiny(run_dir=str(tmp_path / "c"), loss="sanw_debias", topical_batching=True, seed=1))
+    c = pd.read_csv(Path(third.run_dir) / "epochs.csv").drop(columns=TIMING_COLUMNS)
+    assert not a.equals(c)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    """SIGKILL during epoch 2, restart with --resume: same final metrics as an uninterrupted run."""
+    args = ["--shapes-train-images", "240", "--shapes-val-images", "12", "--shapes-test-images", "12",
+            "--epochs", "4", "--batch-size", "16", "--no-progress", "--threads", "1",
+            "--data-root", str(tmp_path / "shapes"), "--registry", str(tmp_path / "registry.csv")]
+    command = [sys.executable, "-m", "clipse.train", *args]
+    clean = subprocess.run(command + ["--run-dir", str(tmp_path / "clean")], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(command + ["--run-dir", str(killed_dir)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    epochs_file = killed_dir / "epochs.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (epochs_file.exists() and len(read_csv(epochs_file)) >= 1):
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len(read_csv(epochs_file))
+    assert 1 <= done_before < 4, "the kill should land before the run finished"
+    assert not (killed_dir / "result.json").exists()
+
+    resumed = subprocess.run(command + ["--run-dir", str(killed_dir), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = pd.read_csv(tmp_path / "clean" / "epochs.csv").drop(columns=TIMING_COLUMNS)
+    b = pd.read_csv(epochs_file).drop(columns=TIMING_COLUMNS)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)  # no repeated or missing epoch, same numbers
+    steps = pd.read_csv(killed_dir / "training.csv")
+    assert steps["step"].is_unique and steps["step"].is_monotonic_increasing
+    clean_steps = pd.read_csv(tmp_path / "clean" / "training.csv")
+    pd.testing.assert_series_equal(steps["loss"], clean_steps["loss"], check_exact=True)
+
+
+def test_resume_refuses_changed_settings_and_reuses_finished_run(tiny):
+    config = tiny()
+    first = train(config)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(config)
+    with pytest.raises(UserError, match=r"cannot resume with a different configuration \(lr"):
+        train(config.replace(resume=True, lr=0.5))
+    again = train(config.replace(resume=True, progress=True))
+    assert again == first
+    assert len(read_csv(config.registry)) == 1  # nothing trained, no new registry row
+
+
+def test_non_finite_loss_ends_as_diverged(tiny, monkeypatch):
+    calls = {"n": 0}
+    real = train_module.LOSSES["infonce"]
+
+    def poisoned(u, v, s):
+        calls["n"] += 1
+        loss, stats = real(u, v, s)
+        return (loss * float("nan"), stats) if calls["n"] == 5 else (loss, stats)
+
+    monkeypatch.setitem(train_module.LOSSES, "infonce", poisoned)
+    config = tiny()
+    result = train(config)
+    assert result.status == "diverged" and result.diverged_step == 5 and result.epochs_done == 0
+    assert read_csv(config.registry)[0]["status"] == "diverged"
+    assert all(math.isfinite(float(r["loss"])) for r in read_csv(Path(config.run_dir) / "training.csv"))
+
+
+def test_callbacks_see_epochs_and_can_stop(tiny):
+    seen = []
+
+    def stop_after_first(report):
+        seen.append((report.epoch, report.metrics["val_r1_mean"], dict(report.weight_stats)))
+        return report.epoch == 1
+
+    result = train(tiny(epochs=3), [stop_after_first])
+    assert result.status == "stopped" and result.epochs_done == 1 and [s[0] for s in seen] == [1]
+    assert "weight_mean" in seen[0][2]
+
+
+def test_eval_test_writes_ranks(tiny):
+    config = tiny(eval_test=True)
+    result = train(config)
+    assert set(result.test_metrics) == {f"test_{k}" for k in METRIC_KEYS}
+    assert (Path(config.run_dir) / "test_ranks.npz").is_file()
+
+
+def test_alpha_warmup_ramps_strength(tiny):
+    config = tiny(loss="sanw_debias", alpha=0.5, alpha_warmup_epochs=2.0, epochs=2)
+    train(config)
+    alphas = [float(r["alpha"]) for r in read_csv(Path(config.run_dir) / "training.csv")]
+    assert alphas[0] == pytest.approx(0.5 / 30) and alphas[-1] == pytest.approx(0.5)
+    assert alphas == sorted(alphas)
+
+
+def test_learning_rate_schedule():
+    lrs = [learning_rate(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02)
+    assert lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_no_weight_decay_on_gains_biases_and_logit_scale():
+    from clipse.models import create_model
+    model = create_model("clipse-tiny").model
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.2), torch.device("cpu"))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    for name, param in model.named_parameters():
+        expect = param.ndim >= 2 and name != "logit_scale"
+        assert (id(param) in decayed) == expect, name
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_locked_towers_are_not_trained(tiny):
+    config = tiny(lock_image=True, epochs=1)
+    from clipse.models import create_model
+    torch.manual_seed(config.seed)  # the trainer seeds, then creates the model
+    before = create_model("clipse-tiny", init_temperature=config.init_temperature).model.visual.state_dict()
+    train(config)
+    after = torch.load(Path(config.run_dir) / "last.pt", weights_only=False)["state_dict"]
+    for key, value in before.items():
+        assert torch.equal(after[f"visual.{key}"], value), key
+
+
+def test_invalid_configuration_is_a_user_error(tiny):
+    with pytest.raises(UserError, match="m1=0.9, m2=0.8: the band needs m1 < m2"):
+        train(tiny(loss="sanw_bandpass", m1=0.9, m2=0.8))
+    with pytest.raises(UserError, match="alpha=1.5: SANW-Debias needs 0 <= alpha < 1"):
+        train(tiny(loss="sanw_debias", alpha=1.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_training(tiny):
+    result = train(tiny(device="cuda", loss="sanw_bandpass"))
+    assert result.status == "completed" and math.isfinite(result.best_value)
