@@ -73,7 +73,7 @@ def cached_images(paths: Sequence[Path], resolution: int, split: str) -> torch.T
             stat = os.stat(path)
         except OSError:
             raise UserError(f"{path}: image file not found") from None
-        parts.append(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+        parts.append(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}")
 
     def build() -> np.ndarray:
         out = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
