@@ -1,0 +1,181 @@
+"""Search spaces: ``search_spaces/<name>.yaml``, validated on load (SPEC §6).
+
+A space file maps onto ``TrainConfig`` keys::
+
+    description: one line shown by --help
+    extends: _shared            # optional: another file in the same folder (params and fixed merge)
+    fixed:                      # settings every trial of the space uses
+      loss: sanw_bandpass
+    params:                     # what the sampler chooses
+      lr: {type: float, low: 5.0e-4, high: 5.0e-3, log: true}
+      batch_size: {type: int, low: 64, high: 256, step: 64}
+      topical_batching: {type: categorical, choices: [false, true]}
+
+Files whose name starts with ``_`` are building blocks, not spaces of their own. Every problem
+is reported as one line naming the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from clipse.config import FIELD_BY_KEY, coerce_value, read_yaml_mapping, unknown_key_message
+from clipse.errors import UserError
+from clipse.paths import PROJECT_ROOT
+
+SPACES_DIR = PROJECT_ROOT / "search_spaces"
+TOP_KEYS = {"description", "extends", "fixed", "params"}
+PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
+              "categorical": {"type", "choices"}}
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple = ()
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+    def covers(self, low: float, high: float) -> bool:
+        if self.type == "categorical":
+            return low in self.choices and high in self.choices
+        return self.low <= low and high <= self.high
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    path: Path
+    description: str
+    fixed: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Param] = field(default_factory=dict)
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Config keys -> values for one trial: the fixed settings plus the sampled ones."""
+        return {**self.fixed, **{key: param.suggest(trial) for key, param in self.params.items()}}
+
+    @property
+    def digest(self) -> str:
+        """Identifies the space's content, so a study notices when its space file changed."""
+        content = {"fixed": self.fixed, "params": {k: vars(p) for k, p in sorted(self.params.items())}}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def available_spaces(folder: Path = SPACES_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _number(value: Any, where: str, what: str, integer: bool) -> float | int:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+        raise UserError(f"{where}: '{what}' must be {'an integer' if integer else 'a number'}, got {value!r}")
+    return value
+
+
+def _parse_param(key: str, spec: Any, where: str) -> Param:
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise UserError(f"{where}: expected a mapping with 'type' (float, int or categorical)")
+    kind = spec["type"]
+    if kind not in PARAM_KEYS:
+        raise UserError(f"{where}: type must be float, int or categorical, got {kind!r}")
+    extra = set(spec) - PARAM_KEYS[kind]
+    if extra:
+        raise UserError(f"{where}: unknown field '{sorted(extra)[0]}' for a {kind} parameter")
+    field_type = str(FIELD_BY_KEY[key].type).replace(" | None", "")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: 'choices' must be a non-empty list")
+        checked = tuple(coerce_value(key, c, where) for c in choices)
+        if len(set(checked)) != len(checked):
+            raise UserError(f"{where}: 'choices' repeats a value")
+        return Param(key, kind, choices=checked)
+    if field_type != kind and not (kind == "int" and field_type == "float"):
+        raise UserError(f"{where}: {key} is a {field_type} setting, not {kind}")
+    integer = kind == "int"
+    for name in ("low", "high"):
+        if name not in spec:
+            raise UserError(f"{where}: '{name}' is required")
+    low, high = _number(spec["low"], where, "low", integer), _number(spec["high"], where, "high", integer)
+    if not low < high:
+        raise UserError(f"{where}: needs low < high, got low={low}, high={high}")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise UserError(f"{where}: 'log' must be true or false")
+    if log and low <= 0:
+        raise UserError(f"{where}: a log scale needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        step = _number(step, where, "step", integer)
+        if step <= 0 or log:
+            raise UserError(f"{where}: 'step' must be positive and cannot be combined with log")
+    for bound in (low, high):
+        coerce_value(key, float(bound) if kind == "float" else bound, where)
+    return Param(key, kind, low=float(low) if kind == "float" else low, high=float(high) if kind == "float" else high,
+                 log=log, step=step)
+
+
+def _read_layer(path: Path, seen: tuple[Path, ...]) -> tuple[str, dict, dict]:
+    """(description, fixed, params-specs) of a file, with its ``extends`` chain merged under it."""
+    if path in seen:
+        raise UserError(f"{path}: 'extends' forms a cycle")
+    data = read_yaml_mapping(path)
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected {', '.join(sorted(TOP_KEYS))})")
+    fixed, params = {}, {}
+    if "extends" in data:
+        base = data["extends"]
+        if not isinstance(base, str) or not (path.parent / f"{base}.yaml").is_file():
+            raise UserError(f"{path}: extends: no file {base}.yaml next to it")
+        _, fixed, params = _read_layer(path.parent / f"{base}.yaml", seen + (path,))
+    for section in ("fixed", "params"):
+        value = data.get(section, {}) or {}
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: '{section}' must be a mapping")
+    fixed = {**fixed, **(data.get("fixed") or {})}
+    params = {**params, **(data.get("params") or {})}
+    return str(data.get("description", "")), fixed, params
+
+
+def load_space(name_or_path: str, folder: Path = SPACES_DIR) -> SearchSpace:
+    """A space by name (``search_spaces/<name>.yaml``) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = folder / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown search space '{name_or_path}' (available: {', '.join(available_spaces(folder))})")
+    elif not path.is_file():
+        raise UserError(f"{path}: search space file not found")
+    description, fixed_raw, params_raw = _read_layer(path, ())
+    fixed = {}
+    for section, keys in (("fixed", fixed_raw), ("params", params_raw)):
+        for key in keys:
+            if key not in FIELD_BY_KEY:
+                raise UserError(unknown_key_message(key, f"{path}: {section}"))
+    for key, value in fixed_raw.items():
+        fixed[key] = coerce_value(key, value, f"{path}: fixed.{key}")
+    params = {key: _parse_param(key, spec, f"{path}: params.{key}") for key, spec in params_raw.items()}
+    both = set(fixed) & set(params)
+    if both:
+        raise UserError(f"{path}: '{sorted(both)[0]}' is both fixed and a searched parameter")
+    if not params:
+        raise UserError(f"{path}: no params to search")
+    return SearchSpace(name=path.stem, path=path, description=description, fixed=fixed, params=params)

@@ -1,0 +1,280 @@
+"""The search command end to end on tiny data: trial counts, resume, Ctrl-C, kills, workers,
+bad input, and a real optuna-dashboard reading the study over HTTP."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from clipse.search import main as search_main
+from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials, open_storage
+
+TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+        "--batch-size", "16", "--epochs", "2"]
+
+
+def load(tmp_path, study):
+    return optuna.load_study(study_name=study, storage=open_storage(str(tmp_path / "studies" / study / "journal.log")))
+
+
+def search_args(tmp_path, space="bandpass", trials=3, *extra):
+    return ["--space", space, "--trials", str(trials), "--studies-dir", str(tmp_path / "studies"),
+            "--data-root", str(tmp_path / "shapes"), *TINY, *extra]
+
+
+def cli(tmp_path, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "clipse.search", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=timeout)
+
+
+def states(study):
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+@pytest.fixture(autouse=True)
+def _run_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the registry lands next to the studies folder
+
+
+def test_inline_search_records_everything(tmp_path, capsys):
+    code = search_main(search_args(tmp_path, "bandpass", 3, "--pruner", "none", "--seed", "3"))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    study = load(tmp_path, "bandpass")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 3  # distinct samples
+    for t in trials:
+        assert set(t.intermediate_values) == {1, 2}
+        assert t.value == max(t.intermediate_values.values())  # the best epoch's value
+        attrs = t.user_attrs
+        assert Path(attrs["run_dir"]).is_dir() and attrs["epochs_done"] == 2
+        assert {"val_r1_mean", "val_i2t_r1", "val_t2i_mr", "weights_weight_std", "weights_band_coverage"} <= set(attrs)
+        artifacts = [a for key, a in t.system_attrs.items() if key.startswith("artifacts:")]
+        assert sorted(json.loads(a)["filename"] for a in artifacts) == ["dynamics.png", "training.csv"]
+    settings = study.user_attrs["clipse:settings"]
+    assert settings["sampler"] == "tpe" and settings["seed"] == 3 and settings["pruner"] == "none"
+    assert "optuna-dashboard " + str(tmp_path / "studies" / "bandpass" / "journal.log") in out.out
+    assert "top trials of 'bandpass'" in out.out
+    assert "3/3 trials done" in out.err
+    registry = (tmp_path / "studies" / "run_registry.csv").read_text().splitlines()
+    assert len(registry) == 4 and all("bandpass" in line for line in registry[1:])
+
+
+def test_seeded_inline_search_is_reproducible(tmp_path, capsys):
+    for name in ("a", "b"):
+        assert search_main(search_args(tmp_path, "debias", 2, "--study", name, "--seed", "5")) == 0
+    a, b = load(tmp_path, "a").get_trials(), load(tmp_path, "b").get_trials()
+    assert [t.params for t in a] == [t.params for t in b]
+    assert [t.value for t in a] == [t.value for t in b]
+
+
+def test_trials_is_the_total_and_resume_repeats_nothing(tmp_path, capsys):
+    assert search_main(search_args(tmp_path, "baseline", 2)) == 0
+    first = [(t.number, t.params, t.value) for t in load(tmp_path, "baseline").get_trials()]
+    assert search_main(search_args(tmp_path, "baseline", 4)) == 0
+    trials = load(tmp_path, "baseline").get_trials()
+    assert len(trials) == 4 and [(t.number, t.params, t.value) for t in trials[:2]] == first
+    assert search_main(search_args(tmp_path, "baseline", 4)) == 0  # already complete: nothing to do
+    assert len(load(tmp_path, "baseline").get_trials()) == 4
+    assert len(list((tmp_path / "studies" / "baseline" / "runs").iterdir())) == 4
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    assert search_main(search_args(tmp_path, "baseline", 1)) == 0
+    capsys.readouterr()
+    assert search_main(search_args(tmp_path, "baseline", 2, "--pruner", "hyperband")) == 2
+    assert "created with other settings: --pruner hyperband (study has median)" in capsys.readouterr().err
+    args = search_args(tmp_path, "baseline", 2)
+    args[args.index("--epochs") + 1] = "3"
+    assert search_main(args) == 2
+    assert "--epochs 3 (study has 2)" in capsys.readouterr().err
+
+
+def test_unknown_space_and_bad_values(tmp_path, capsys):
+    assert search_main(["--space", "nope", "--trials", "2"]) == 2
+    assert "unknown search space 'nope' (available: bandpass, baseline, debias" in capsys.readouterr().err
+    assert search_main(["--space", "baseline", "--trials", "0"]) == 2
+    assert "--trials must be at least 1" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  m1: {type: float, low: 0.5, high: 0.1}\n")
+    assert search_main(["--space", str(bad), "--trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml: params.m1: needs low < high" in err[0]
+
+
+def test_invalid_parameters_are_pruned_not_trained(tmp_path, capsys):
+    space = tmp_path / "overlap.yaml"
+    space.write_text("fixed: {loss: sanw_bandpass}\nparams:\n"
+                     "  m1: {type: float, low: 0.5, high: 0.9}\n  m2: {type: float, low: 0.1, high: 0.6}\n")
+    code = search_main(search_args(tmp_path, str(space), 2))
+    assert code == 1  # nothing completed
+    trials = load(tmp_path, "overlap").get_trials()
+    assert states(load(tmp_path, "overlap")) == [TrialState.PRUNED] * 2
+    assert all("the band needs m1 < m2" in t.user_attrs["rejected"] for t in trials)
+    assert not (tmp_path / "studies" / "overlap" / "runs").exists()
+
+
+def test_a_trial_that_raises_fails_with_its_error_and_the_rest_continue(tmp_path, capsys):
+    space = tmp_path / "models.yaml"
+    space.write_text("params:\n  model: {type: categorical, choices: [clipse-tiny, no-such-model]}\n")
+    assert search_main(search_args(tmp_path, str(space), 6, "--sampler", "random", "--seed", "1")) == 0
+    trials = load(tmp_path, "models").get_trials()
+    assert len(trials) == 6
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all(t.params["model"] == "no-such-model" for t in failed)
+    assert all("unknown model 'no-such-model'" in t.user_attrs["error"] for t in failed)
+    assert all(t.state == TrialState.COMPLETE for t in trials if t.params["model"] == "clipse-tiny")
+
+
+@pytest.mark.slow
+def test_four_local_workers_reach_the_exact_total(tmp_path):
+    result = cli(tmp_path, *search_args(tmp_path, "debias", 8, "--workers", "4"))
+    assert result.returncode == 0, result.stderr
+    assert "database is locked" not in result.stdout + result.stderr
+    study = load(tmp_path, "debias")
+    assert states(study) == [TrialState.COMPLETE if s == TrialState.COMPLETE else s for s in states(study)]
+    counts = count_trials(study)
+    assert counts.finished == 8 and counts.running == 0 and len(study.get_trials()) == 8
+    pids = {t.system_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}
+    assert len(pids) > 1  # really ran in several processes
+
+
+def _wait_for(predicate, timeout=180, interval=0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def _first_epoch_done(tmp_path, study, trial=0):
+    epochs = tmp_path / "studies" / study / "runs" / f"trial-{trial:05d}" / "epochs.csv"
+    return epochs.exists() and len(epochs.read_text().splitlines()) >= 2
+
+
+SLOW_TRIAL = ["--shapes-train-images", "400", "--epochs", "3"]  # long enough to be interrupted mid-trial
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
+    args = search_args(tmp_path, "baseline", 2, "--pruner", "none", *SLOW_TRIAL)
+    process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: _first_epoch_done(tmp_path, "baseline"))
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "none left running. Resume with:" in err and "python -m clipse.search --space baseline" in err
+    study = load(tmp_path, "baseline")
+    assert TrialState.RUNNING not in states(study)
+    interrupted = study.get_trials()[0]
+    assert interrupted.state == TrialState.FAIL and interrupted.system_attrs[RETRIED_ATTR]
+    assert "interrupted" in interrupted.system_attrs[LOST_ATTR]
+
+    resumed = cli(tmp_path, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    study = load(tmp_path, "baseline")
+    counts = count_trials(study)
+    assert counts.complete == 2 and counts.running == 0
+    retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == interrupted.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == interrupted.params
+    assert retry.user_attrs["run_dir"] == interrupted.user_attrs["run_dir"]  # resumed the same run folder
+    epochs = (Path(retry.user_attrs["run_dir"]) / "epochs.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in epochs[1:]] == ["1", "2", "3"]  # no epoch trained twice
+    assert sorted(retry.intermediate_values) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_killed_coordinator_then_rerun_recovers(tmp_path):
+    """kill -9 of an inline search: its trial stays RUNNING with a dead pid on this host; the
+    next run fails it at once and retries it from its checkpoint."""
+    args = search_args(tmp_path, "baseline", 2, "--pruner", "none", *SLOW_TRIAL)
+    process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(lambda: _first_epoch_done(tmp_path, "baseline"))
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert states(load(tmp_path, "baseline"))[0] == TrialState.RUNNING
+    resumed = cli(tmp_path, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    study = load(tmp_path, "baseline")
+    first = study.get_trials()[0]
+    assert first.state == TrialState.FAIL and "is gone" in first.system_attrs[LOST_ATTR]
+    counts = count_trials(study)
+    assert counts.complete == 2 and counts.running == 0 and counts.failed == 0
+
+
+@pytest.mark.slow
+def test_sigkilled_local_worker_is_replaced_and_its_trial_retried(tmp_path):
+    args = search_args(tmp_path, "baseline", 3, "--pruner", "none", "--workers", "2", *SLOW_TRIAL)
+    process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: _first_epoch_done(tmp_path, "baseline"))
+    victim = load(tmp_path, "baseline").get_trials()[0]
+    worker_pid = victim.system_attrs[OWNER_ATTR]["pid"]
+    assert worker_pid != process.pid
+    os.kill(worker_pid, signal.SIGKILL)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    study = load(tmp_path, "baseline")
+    counts = count_trials(study)
+    assert counts.complete == 3 and counts.running == 0 and counts.failed == 0
+    lost = study.get_trials()[0]
+    assert lost.state == TrialState.FAIL and lost.system_attrs[RETRIED_ATTR]
+    retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == 0)
+    assert retry.state == TrialState.COMPLETE and retry.params == lost.params
+    epochs = (Path(retry.user_attrs["run_dir"]) / "epochs.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in epochs[1:]] == ["1", "2", "3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_optuna_dashboard_reads_the_study_over_http(tmp_path, capsys):
+    assert search_main(search_args(tmp_path, "debias", 2)) == 0
+    journal = tmp_path / "studies" / "debias" / "journal.log"
+    port = _free_port()
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "optuna_dashboard", str(journal), "--port", str(port), "--host", "127.0.0.1",
+         "--artifact-dir", str(tmp_path / "studies" / "debias" / "artifacts")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return _get_json(f"{base}/api/studies")
+            except OSError:
+                return None
+
+        assert _wait_for(up, timeout=60, interval=0.3), "dashboard did not start"
+        summaries = _get_json(f"{base}/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in summaries] == ["debias"]
+        detail = _get_json(f"{base}/api/studies/{summaries[0]['study_id']}")
+        assert len(detail["trials"]) == 2
+        trial = detail["trials"][0]
+        assert trial["state"] == "Complete" and [v["step"] for v in trial["intermediate_values"]] == [1, 2]
+        assert {a["filename"] for a in trial["artifacts"]} == {"training.csv", "dynamics.png"}
+        assert any(a["key"] == "val_r1_mean" for a in trial["user_attrs"])
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
