@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from clipse.config import TrainConfig
 from clipse.errors import UserError
-from clipse.spaces import SearchSpace, load_space
+from clipse.spaces import SearchSpace
 from clipse.study import OWNER_ATTR, Heartbeat, load_study, owner_record, retry_lost_trial, stored_settings
 from clipse.train import EpochReport, train
 
@@ -159,9 +159,7 @@ def run_trial_task(ref: StudyRef, max_retries: int = 2) -> TrialOutcome:
     re-raises, so that a resumed search runs it again from its checkpoint."""
     study = load_study(ref.name, ref.storage)
     settings = stored_settings(study)
-    space = load_space(settings.space)
-    if space.digest != settings.space_digest:
-        raise UserError(f"search space {space.path} changed since study '{ref.name}' was created")
+    space = SearchSpace.from_dict(settings.space_definition)
     base = base_config(ref, settings.base)
     trial = _adopt_requeued_trial(study, ref.session) or study.ask()
     study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner_record(ref.session))

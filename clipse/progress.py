@@ -22,10 +22,11 @@ class ProgressLine:
     """Redraws in place on a terminal; elsewhere (CI logs, SLURM output) prints a line whenever
     the counts change and at least every ``log_every_s`` seconds."""
 
-    def __init__(self, label: str, total: int, counts: Callable[[], TrialCounts], stream: TextIO = sys.stderr,
+    def __init__(self, label: str, total: int, counts: Callable[[], TrialCounts], stream: TextIO | None = None,
                  refresh_s: float = 1.0, log_every_s: float = 60.0):
-        self.label, self.total, self._counts, self.stream = label, total, counts, stream
-        self.tty = stream.isatty()
+        self.label, self.total, self._counts = label, total, counts
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.refresh_s, self.log_every_s = refresh_s, log_every_s
         self.started = time.time()
         self._initial_finished: int | None = None

@@ -80,8 +80,8 @@ def resolve_settings(args: argparse.Namespace, existing: StudySettings | None, s
     TrainConfig.from_mapping(base, "command line").validate()  # fail before anything is created
     if existing is None:
         seed = given.pop("seed", 0)
-        settings = StudySettings(space=space.name, space_digest=space.digest, seed=seed,
-                                 base={**base, "seed": seed}, **{**STUDY_FLAGS, **given})
+        settings = StudySettings(space=space.name, space_digest=space.digest, space_definition=space.to_dict(),
+                                 seed=seed, base={**base, "seed": seed}, **{**STUDY_FLAGS, **given})
         return settings
     stored = asdict(existing)
     conflicts = [f"--{k.replace('_', '-')} {v} (study has {stored[k]})" for k, v in given.items() if stored[k] != v]
@@ -121,35 +121,36 @@ def coordinate(study: optuna.Study, ref: StudyRef, executor: Executor, total: in
     """Keep exactly enough tasks out to reach ``total`` trials; replace lost work. ``tasks``
     collects every task handed out (the caller cancels the unfinished ones on Ctrl-C)."""
     consecutive_errors = 0
+    unchecked: list[Task] = []  # handed out, result not looked at yet
     while True:
         sweep_lost_trials(study, grace_s=args.heartbeat_grace, dead_jobs=executor.dead_jobs(),
                           max_retries=args.max_retries, session=ref.session)
         counts = count_trials(study, ref.session)
         outstanding = [t for t in tasks if not t.finished]
         need = total - counts.finished - counts.running_elsewhere - len(outstanding)
-        if counts.finished >= total and not outstanding:
+        if counts.finished >= total and not outstanding and not unchecked:
             return
         room = min(need, executor.capacity - len(outstanding))
         if room > 0:
-            tasks += executor.submit(run_trial_task, [(ref, args.max_retries)] * room)
+            submitted = executor.submit(run_trial_task, [(ref, args.max_retries)] * room)
+            tasks += submitted
+            unchecked += submitted
             outstanding = [t for t in tasks if not t.finished]
         if outstanding:
             executor.wait(outstanding, POLL_S)
-        elif need <= 0:
+        elif need <= 0 and not unchecked:
             time.sleep(POLL_S)  # only trials of another session are running: watch them
-        for task in outstanding:
-            if not task.finished:
-                continue
-            outcome: TrialOutcome | None = task.result if isinstance(task.result, TrialOutcome) else None
+        for task in [t for t in unchecked if t.finished]:
+            unchecked.remove(task)
             if task.user_error:
                 raise UserError(task.error)
-            if outcome is None and task.state != "lost":
-                consecutive_errors += 1
-                print(f"\nworker error: {task.error}", file=sys.stderr)
-                if consecutive_errors >= MAX_TASK_ERRORS:
-                    raise UserError(f"workers cannot run trials ({consecutive_errors} failures in a row): {task.error}")
-            else:
+            if isinstance(task.result, TrialOutcome) or task.state == "lost":
                 consecutive_errors = 0
+                continue
+            consecutive_errors += 1
+            print(f"\nworker error: {task.error}", file=sys.stderr)
+            if consecutive_errors >= MAX_TASK_ERRORS:
+                raise UserError(f"workers cannot run trials ({consecutive_errors} failures in a row): {task.error}")
 
 
 def shutdown_after_interrupt(study: optuna.Study, ref: StudyRef, executor: Executor, tasks: list[Task]) -> None:

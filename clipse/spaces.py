@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,17 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Config keys -> values for one trial: the fixed settings plus the sampled ones."""
         return {**self.fixed, **{key: param.suggest(trial) for key, param in self.params.items()}}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able definition: a study stores it, so its workers need no space file."""
+        return {"name": self.name, "path": str(self.path), "description": self.description, "fixed": dict(self.fixed),
+                "params": {k: {**asdict(p), "choices": list(p.choices)} for k, p in self.params.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SearchSpace":
+        params = {k: Param(**{**p, "choices": tuple(p["choices"])}) for k, p in data["params"].items()}
+        return cls(name=data["name"], path=Path(data["path"]), description=data["description"],
+                   fixed=dict(data["fixed"]), params=params)
 
     @property
     def digest(self) -> str:

@@ -48,6 +48,7 @@ class StudySettings:
 
     space: str
     space_digest: str
+    space_definition: dict[str, Any]  # workers sample from this, not from the file
     metric: str = "val_r1_mean"
     sampler: str = "tpe"
     seed: int | None = None

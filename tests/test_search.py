@@ -142,7 +142,7 @@ def test_four_local_workers_reach_the_exact_total(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "database is locked" not in result.stdout + result.stderr
     study = load(tmp_path, "debias")
-    assert states(study) == [TrialState.COMPLETE if s == TrialState.COMPLETE else s for s in states(study)]
+    assert set(states(study)) <= {TrialState.COMPLETE, TrialState.PRUNED}
     counts = count_trials(study)
     assert counts.finished == 8 and counts.running == 0 and len(study.get_trials()) == 8
     pids = {t.system_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}
@@ -254,7 +254,7 @@ def test_optuna_dashboard_reads_the_study_over_http(tmp_path, capsys):
     journal = tmp_path / "studies" / "debias" / "journal.log"
     port = _free_port()
     dashboard = subprocess.Popen(
-        [sys.executable, "-m", "optuna_dashboard", str(journal), "--port", str(port), "--host", "127.0.0.1",
+        [str(Path(sys.executable).parent / "optuna-dashboard"), str(journal), "--port", str(port), "--host", "127.0.0.1",
          "--artifact-dir", str(tmp_path / "studies" / "debias" / "artifacts")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -266,7 +266,9 @@ def test_optuna_dashboard_reads_the_study_over_http(tmp_path, capsys):
             except OSError:
                 return None
 
-        assert _wait_for(up, timeout=60, interval=0.3), "dashboard did not start"
+        if not _wait_for(up, timeout=60, interval=0.3):
+            dashboard.kill()
+            pytest.fail("dashboard did not start: " + dashboard.communicate()[0].decode()[-2000:])
         summaries = _get_json(f"{base}/api/studies")["study_summaries"]
         assert [s["study_name"] for s in summaries] == ["debias"]
         detail = _get_json(f"{base}/api/studies/{summaries[0]['study_id']}")
