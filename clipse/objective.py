@@ -29,10 +29,19 @@ from optuna.trial import TrialState
 from clipse.config import TrainConfig
 from clipse.errors import UserError
 from clipse.spaces import SearchSpace
-from clipse.study import OWNER_ATTR, Heartbeat, load_study, owner_record, retry_lost_trial, stored_settings
+from clipse.study import (OWNER_ATTR, RETRIED_ATTR, Heartbeat, count_trials, load_study, owner_record,
+                          retry_lost_trial, stored_settings)
 from clipse.train import EpochReport, train
 
 DIVERGED_VALUE = 0.0
+
+
+@dataclass
+class TrialOutcome:
+    number: int          # -1 when the task found no trial left to run
+    state: str
+    value: float | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class StudyRef:
     storage: str
     study_dir: str
     session: str = ""
+    total: int | None = None            # no task asks for a trial beyond the study's total
     heartbeat_s: float = 10.0
     extra_user_attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -65,9 +75,11 @@ def _replay_finished_epochs(trial: optuna.Trial, run_dir: Path, metric: str) -> 
     epochs_csv = run_dir / "epochs.csv"
     if not epochs_csv.exists():
         return
+    reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
     with open(epochs_csv, newline="") as handle:
         for row in csv.DictReader(handle):
-            trial.report(float(row[metric]), step=int(row["epoch"]))
+            if int(row["epoch"]) not in reported:
+                trial.report(float(row[metric]), step=int(row["epoch"]))
 
 
 def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metric: str, base: TrainConfig) -> float:
@@ -119,15 +131,19 @@ def _attach_artifacts(trial: optuna.Trial, ref: StudyRef, run_dir: Path) -> None
             upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
 
 
-def _adopt_requeued_trial(study: optuna.Study, session: str) -> optuna.Trial | None:
-    """After a SLURM requeue the job runs again from the start: continue its own trial."""
+def _own_previous_trial(study: optuna.Study, session: str) -> optuna.trial.FrozenTrial | None:
+    """A SLURM job that was requeued runs again from the start: the trial it already took,
+    if any (the latest one its job id owns)."""
     job = owner_record(session)["slurm_job"]
     if not job:
         return None
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if (frozen.system_attrs.get(OWNER_ATTR) or {}).get("slurm_job") == job:
-            return optuna.Trial(study, frozen._trial_id)
-    return None
+    owned = [t for t in study.get_trials(deepcopy=False)
+             if (t.system_attrs.get(OWNER_ATTR) or {}).get("slurm_job") == job]
+    return owned[-1] if owned else None
+
+
+def _outcome(frozen: optuna.trial.FrozenTrial) -> TrialOutcome:
+    return TrialOutcome(frozen.number, frozen.state.name, value=frozen.value, error=frozen.user_attrs.get("error"))
 
 
 def _slurm_user_attrs() -> dict[str, Any]:
@@ -145,14 +161,6 @@ def _slurm_user_attrs() -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if v is not None}
 
 
-@dataclass
-class TrialOutcome:
-    number: int
-    state: str
-    value: float | None = None
-    error: str | None = None
-
-
 def run_trial_task(ref: StudyRef, max_retries: int = 2) -> TrialOutcome:
     """Take one trial of the study, train it, report it. Exceptions inside the trial become a
     FAIL with the error text in the trial's user attrs; Ctrl-C fails it as retryable and
@@ -161,7 +169,16 @@ def run_trial_task(ref: StudyRef, max_retries: int = 2) -> TrialOutcome:
     settings = stored_settings(study)
     space = SearchSpace.from_dict(settings.space_definition)
     base = base_config(ref, settings.base)
-    trial = _adopt_requeued_trial(study, ref.session) or study.ask()
+    previous = _own_previous_trial(study, ref.session)
+    if previous is not None and previous.state == TrialState.RUNNING:
+        trial = optuna.Trial(study, previous._trial_id)
+    elif previous is not None and not previous.system_attrs.get(RETRIED_ATTR):
+        return _outcome(previous)  # requeued after its trial had finished: nothing more to do
+    else:
+        counts = count_trials(study)
+        if ref.total is not None and not counts.waiting and counts.finished + counts.running >= ref.total:
+            return TrialOutcome(-1, "SKIPPED")
+        trial = study.ask()
     study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner_record(ref.session))
     for key, value in {**ref.extra_user_attrs, **_slurm_user_attrs()}.items():
         trial.set_user_attr(key, value)

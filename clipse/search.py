@@ -29,11 +29,12 @@ from optuna.trial import TrialState
 
 from clipse.config import SELECT_METRICS, add_config_arguments, config_overrides, TrainConfig
 from clipse.errors import UserError, cli_main, configure_logging
-from clipse.executors import Executor, InlineExecutor, LocalExecutor, Task
+from clipse.executors import (Executor, InlineExecutor, LocalExecutor, SlurmExecutor, Task, add_slurm_arguments,
+                              slurm_options_from_args)
 from clipse.objective import StudyRef, TrialOutcome, run_trial_task
 from clipse.progress import ProgressLine
 from clipse.spaces import available_spaces, load_space
-from clipse.study import (DEFAULT_GRACE_S, PRUNERS, SAMPLERS, StudySettings, count_trials, create_or_load,
+from clipse.study import (DEFAULT_GRACE_S, PRUNERS, SLURM_GRACE_S, SAMPLERS, StudySettings, count_trials, create_or_load,
                           open_storage, stored_settings, storage_url, study_names, sweep_lost_trials)
 from clipse.tables import markdown_table
 
@@ -55,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", help="Optuna RDB URL, or a journal file path (default: "
                         "studies/<study>/journal.log)")
     parser.add_argument("--studies-dir", default="studies", type=Path, help="where study folders live")
-    parser.add_argument("--executor", choices=("inline", "local"),
-                        help="inline: trials in this process; local: --workers processes (default: local if "
-                             "--workers > 1, else inline)")
+    parser.add_argument("--executor", choices=("inline", "local", "slurm"),
+                        help="inline: trials in this process; local: --workers processes; slurm: one SLURM job "
+                             "per trial (default: local if --workers > 1, else inline)")
     parser.add_argument("--workers", type=int, default=1, help="trials running at once")
     parser.add_argument("--seed", type=int, help="seed of the sampler and of every trial's training (default 0)")
     parser.add_argument("--metric", choices=SELECT_METRICS, help="objective (default val_r1_mean)")
@@ -65,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--startup-trials", type=int, help="random trials before TPE models the space (default 10)")
     parser.add_argument("--pruner", choices=PRUNERS, help="stops poor trials early from their per-epoch curve "
                         "(default median)")
-    parser.add_argument("--heartbeat-grace", type=float, default=DEFAULT_GRACE_S,
-                        help="seconds without a heartbeat before a running trial counts as lost")
+    parser.add_argument("--heartbeat-grace", type=float,
+                        help=f"seconds without a heartbeat before a running trial counts as lost (default "
+                             f"{DEFAULT_GRACE_S:.0f}; {SLURM_GRACE_S:.0f} with SLURM, whose requeued jobs wait "
+                             "minutes to restart; jobs that ended are noticed from sacct at once)")
     parser.add_argument("--max-retries", type=int, default=2, help="retries of a trial whose worker died")
     add_config_arguments(parser.add_argument_group("training settings fixed for every trial"), only=BASE_FLAGS)
+    add_slurm_arguments(parser)
     return parser
 
 
@@ -97,13 +101,20 @@ def resolve_settings(args: argparse.Namespace, existing: StudySettings | None, s
     return existing
 
 
-def make_executor(args: argparse.Namespace) -> Executor:
+def make_executor(args: argparse.Namespace, study_dir: Path, storage: str) -> Executor:
     kind = args.executor or ("local" if args.workers > 1 else "inline")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
     if kind == "inline":
         if args.workers > 1:
             raise UserError("--executor inline runs one trial at a time; use --executor local for --workers > 1")
         return InlineExecutor()
-    return LocalExecutor(args.workers)
+    if kind == "local":
+        return LocalExecutor(args.workers)
+    if storage.startswith("sqlite"):
+        raise UserError(f"storage {storage}: SQLite is not safe for SLURM jobs on several nodes; use "
+                        "--storage postgresql://... or a journal file on a shared filesystem (the default)")
+    return SlurmExecutor(study_dir / "slurm", slurm_options_from_args(args), args.workers, job_name=study_dir.name)
 
 
 def top_trials_table(study: optuna.Study, limit: int = 10) -> str:
@@ -121,6 +132,7 @@ def coordinate(study: optuna.Study, ref: StudyRef, executor: Executor, total: in
     """Keep exactly enough tasks out to reach ``total`` trials; replace lost work. ``tasks``
     collects every task handed out (the caller cancels the unfinished ones on Ctrl-C)."""
     consecutive_errors = 0
+    allowed_errors = max(MAX_TASK_ERRORS, 2 * args.workers)
     unchecked: list[Task] = []  # handed out, result not looked at yet
     while True:
         sweep_lost_trials(study, grace_s=args.heartbeat_grace, dead_jobs=executor.dead_jobs(),
@@ -144,12 +156,12 @@ def coordinate(study: optuna.Study, ref: StudyRef, executor: Executor, total: in
             unchecked.remove(task)
             if task.user_error:
                 raise UserError(task.error)
-            if isinstance(task.result, TrialOutcome) or task.state == "lost":
+            if isinstance(task.result, TrialOutcome):
                 consecutive_errors = 0
                 continue
-            consecutive_errors += 1
-            print(f"\nworker error: {task.error}", file=sys.stderr)
-            if consecutive_errors >= MAX_TASK_ERRORS:
+            consecutive_errors += 1  # lost work counts too: a job that cannot even report is a problem
+            print(f"\nworker {task.state}: {task.error}", file=sys.stderr)
+            if consecutive_errors >= allowed_errors:
                 raise UserError(f"workers cannot run trials ({consecutive_errors} failures in a row): {task.error}")
 
 
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--trials must be at least 1")
     space = load_space(args.space)
     name = args.study or space.name
-    study_dir = args.studies_dir / name
+    study_dir = (args.studies_dir / name).absolute()  # absolute: SLURM jobs may start elsewhere
     storage = storage_url(study_dir, args.storage)
     study_dir.mkdir(parents=True, exist_ok=True)
     backend = open_storage(storage)
@@ -181,10 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     if name in study_names(backend):
         existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
     settings = resolve_settings(args, existing, space)
-    executor = make_executor(args)
+    executor = make_executor(args, study_dir, storage)
+    if args.heartbeat_grace is None:
+        args.heartbeat_grace = SLURM_GRACE_S if executor.name == "slurm" else DEFAULT_GRACE_S
     study = create_or_load(name, backend, settings, int(settings.base.get("epochs", TrainConfig().epochs)))
     session = f"{platform.node()}-{os.getpid()}-{int(time.time())}"
-    ref = StudyRef(name=name, storage=storage, study_dir=str(study_dir), session=session)
+    ref = StudyRef(name=name, storage=storage, study_dir=str(study_dir), session=session, total=args.trials)
     counts = count_trials(study)
     print(f"study '{name}' ({'resumed, ' + str(counts.finished) + ' trials finished' if existing else 'new'}) "
           f"in {storage}\nspace {space.name}: {', '.join(space.params)} | objective {settings.metric} (best epoch) | "
@@ -197,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             interrupted = True
             shutdown_after_interrupt(study, ref, executor, tasks)
+        except BaseException:
+            shutdown_after_interrupt(study, ref, executor, tasks)  # leave no job or trial behind
+            raise
         finally:
             if not interrupted:
                 executor.close()

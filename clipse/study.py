@@ -36,6 +36,7 @@ RETRIED_ATTR = "clipse:retried"      # a failed trial whose work a retry took ov
 LOST_ATTR = "clipse:lost"            # why a running trial was declared lost
 HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_GRACE_S = 120.0
+SLURM_GRACE_S = 600.0
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "percentile", "hyperband", "none")
 
@@ -100,7 +101,7 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     except (ImportError, ModuleNotFoundError) as exc:
-        raise UserError(f"storage {storage}: a driver is missing ({exc}); for PostgreSQL: pip install psycopg2-binary") from None
+        raise UserError(f"storage {storage}: a driver is missing ({exc}); for PostgreSQL: pip install 'psycopg[binary]'") from None
     except Exception as exc:  # sqlalchemy / OS errors: unreachable server, bad URL, no permission
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"storage {storage}: cannot open ({first_line})") from None

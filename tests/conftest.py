@@ -32,3 +32,89 @@ def tiny_config(tmp_path: Path, **changes):
 @pytest.fixture
 def tiny(tmp_path):
     return lambda **changes: tiny_config(tmp_path, **changes)
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def skip_or_fail(reason: str):
+    """Without a service its tests skip, except where CI demands the services (.ci/run)."""
+    if os.environ.get("CLIPSE_REQUIRE_SERVICES"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _slurm_answers(env) -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A SLURM cluster for the slurm-marked tests: the one SLURM_CONF points at, if it answers;
+    otherwise the one-node cluster of scripts/slurm_cluster.sh, brought up here and stopped at
+    the end (only the processes it started). Skips when SLURM is not installed."""
+    import shutil
+    import subprocess
+
+    if os.environ.get("SLURM_CONF") and _slurm_answers(os.environ):
+        yield os.environ["SLURM_CONF"]
+        return
+    if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")) or os.geteuid() != 0:
+        skip_or_fail("SLURM is not installed (scripts/slurm_cluster.sh install, as root)")
+    script = PROJECT / "scripts" / "slurm_cluster.sh"
+    import tempfile
+
+    # not under pytest's private tmp folder: munged and mariadbd run as their own users
+    env = {**os.environ, "CLIPSE_SLURM_DIR": tempfile.mkdtemp(prefix="clipse-slurm-", dir="/tmp")}
+    up = subprocess.run([str(script), "up"], env=env, capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        subprocess.run([str(script), "down"], env=env, capture_output=True, timeout=120)
+        pytest.fail(f"SLURM did not come up: {up.stderr[-2000:]}")
+    conf = subprocess.run([str(script), "conf"], env=env, capture_output=True, text=True).stdout.strip()
+    os.environ["SLURM_CONF"] = conf
+    try:
+        yield conf
+    finally:
+        subprocess.run(["scancel", "-u", str(os.getuid())], capture_output=True)
+        subprocess.run([str(script), "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(env["CLIPSE_SLURM_DIR"], ignore_errors=True)
+        os.environ.pop("SLURM_CONF", None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL server (Debian's binaries, run as user postgres: it refuses root),
+    on a free port with trust authentication; stopped at the end."""
+    import glob
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not bins or os.geteuid() != 0 or not shutil.which("runuser"):
+        skip_or_fail("PostgreSQL server binaries are not installed (apt install postgresql)")
+    bin_dir = bins[-1]
+    folder = tempfile.mkdtemp(prefix="clipse-pg-", dir="/tmp")
+    shutil.chown(folder, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, f"{bin_dir}/initdb", "-D", f"{folder}/data", "--auth=trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-l", f"{folder}/log", "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([*as_postgres, f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "clipse"],
+                       check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/clipse"
+    finally:
+        subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)

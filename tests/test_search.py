@@ -280,3 +280,22 @@ def test_optuna_dashboard_reads_the_study_over_http(tmp_path, capsys):
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_local_workers_share_a_postgresql_study(tmp_path, postgres_url):
+    result = cli(tmp_path, *search_args(tmp_path, "bandpass", 6, "--workers", "3", "--storage", postgres_url))
+    assert result.returncode == 0, result.stderr
+    assert f"optuna-dashboard {postgres_url}" in result.stdout
+    study = optuna.load_study(study_name="bandpass", storage=postgres_url)
+    counts = count_trials(study)
+    assert counts.finished == 6 and counts.running == 0 and len(study.get_trials()) == 6
+    assert len({t.system_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}) > 1
+
+
+def test_unreachable_storage_is_one_line(tmp_path, capsys):
+    assert search_main(["--space", "baseline", "--trials", "1", "--storage",
+                        "postgresql://nobody@127.0.0.1:1/none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: storage postgresql://nobody@127.0.0.1:1/none: cannot open")

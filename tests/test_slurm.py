@@ -1,0 +1,150 @@
+"""The SLURM executor against a real (one-node) SLURM cluster with accounting.
+
+Each test runs `python -m clipse.search --executor slurm` as a user would and checks the study
+it leaves: exact totals, job ids in the trials, lost jobs retried, requeued jobs resumed,
+refused submissions reported in one line with nothing lost, Ctrl-C cancelling the jobs.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials, open_storage
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+        "--batch-size", "16", "--epochs", "2", "--cpus-per-task", "1", "--mem-gb", "2", "--slurm-poll", "1",
+        "--time-min", "20"]
+SLOW = ["--shapes-train-images", "400", "--epochs", "3", "--pruner", "none"]
+
+
+def args_for(tmp_path, space, trials, *extra):
+    return ["--space", space, "--trials", str(trials), "--executor", "slurm", "--studies-dir",
+            str(tmp_path / "studies"), "--data-root", str(tmp_path / "shapes"), *TINY, *extra]
+
+
+def start(tmp_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run(tmp_path, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load(tmp_path, study):
+    return optuna.load_study(study_name=study, storage=open_storage(str(tmp_path / "studies" / study / "journal.log")))
+
+
+def wait_for(predicate, timeout=300, interval=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def epochs_done(tmp_path, study, trial=0):
+    path = tmp_path / "studies" / study / "runs" / f"trial-{trial:05d}" / "epochs.csv"
+    return len(path.read_text().splitlines()) - 1 if path.exists() else 0
+
+
+def squeue(name):
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True).stdout
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+def test_trials_run_as_a_job_array_with_fake_gpus(slurm_cluster, tmp_path):
+    result = run(tmp_path, *args_for(tmp_path, "debias", 4, "--workers", "2", "--gpus-per-node", "1"))
+    assert result.returncode == 0, result.stderr
+    study = load(tmp_path, "debias")
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    arrays = {t.user_attrs["slurm_job_id"] for t in trials}
+    assert len(arrays) == 1  # one array for the whole batch
+    for t in trials:
+        assert Path(t.user_attrs["slurm_stdout"]).is_file() and Path(t.user_attrs["slurm_stderr"]).is_file()
+        assert t.system_attrs[OWNER_ATTR]["slurm_job"].startswith(t.user_attrs["slurm_job_id"] + "_")
+    script = next((tmp_path / "studies" / "debias" / "slurm").rglob("*_submission.sh")).read_text()
+    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --array=0-3%2" in script
+    assert "4/4 trials done" in result.stderr
+
+
+def test_refused_submission_is_one_line_and_loses_nothing(slurm_cluster, tmp_path):
+    refused = run(tmp_path, *args_for(tmp_path, "baseline", 2, "--gpus-per-node", "4"))
+    assert refused.returncode == 2
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "SLURM refused the submission" in lines[0]
+    assert "Requested node configuration is not available" in lines[0] and "Traceback" not in refused.stderr
+    assert len(load(tmp_path, "baseline").get_trials()) == 0
+    again = run(tmp_path, *args_for(tmp_path, "baseline", 2))  # the study is intact and usable
+    assert again.returncode == 0, again.stderr
+    assert count_trials(load(tmp_path, "baseline")).complete == 2
+
+
+def test_sqlite_storage_is_refused_for_slurm(slurm_cluster, tmp_path):
+    result = run(tmp_path, *args_for(tmp_path, "baseline", 1, "--storage", f"sqlite:///{tmp_path}/s.db"))
+    assert result.returncode == 2 and "SQLite is not safe for SLURM jobs" in result.stderr
+
+
+def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
+    process = start(tmp_path, *args_for(tmp_path, "baseline", 2, "--workers", "2", *SLOW))
+    assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
+    owner = load(tmp_path, "baseline").get_trials()[0].system_attrs[OWNER_ATTR]
+    os.kill(owner["pid"], signal.SIGKILL)  # the worker dies (as under the OOM killer)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    study = load(tmp_path, "baseline")
+    counts = count_trials(study)
+    assert counts.complete == 2 and counts.running == 0 and counts.failed == 0
+    lost = study.get_trials()[0]
+    assert lost.state == TrialState.FAIL and lost.system_attrs[RETRIED_ATTR]
+    assert owner["slurm_job"] in lost.system_attrs[LOST_ATTR] or "heartbeat" in lost.system_attrs[LOST_ATTR]
+    retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == 0)
+    assert retry.state == TrialState.COMPLETE and retry.params == lost.params
+    assert retry.user_attrs["slurm_job_id"] != lost.user_attrs["slurm_job_id"]
+    rows = (Path(retry.user_attrs["run_dir"]) / "epochs.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1", "2", "3"]  # resumed, no epoch trained twice
+
+
+def test_requeued_job_resumes_its_trial(slurm_cluster, tmp_path):
+    process = start(tmp_path, *args_for(tmp_path, "baseline", 1, *SLOW))
+    assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
+    job = load(tmp_path, "baseline").get_trials()[0].system_attrs[OWNER_ATTR]["slurm_job"]
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # a requeued job waits two minutes before it may start again; once it is pending, start it now
+    assert wait_for(lambda: ["PENDING"] in [row[1:] for row in squeue("baseline")], timeout=60)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    study = load(tmp_path, "baseline")
+    trials = study.get_trials()
+    assert len(trials) == 1 and trials[0].state == TrialState.COMPLETE  # the same trial, continued
+    rows = (Path(trials[0].user_attrs["run_dir"]) / "epochs.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1", "2", "3"]
+    restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts
+
+
+def test_ctrl_c_cancels_jobs_and_leaves_nothing_running(slurm_cluster, tmp_path):
+    args = args_for(tmp_path, "bandpass", 3, "--workers", "1", *SLOW, "--study", "cancel-me")
+    process = start(tmp_path, *args)
+    assert wait_for(lambda: epochs_done(tmp_path, "cancel-me") >= 1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Resume with:" in err
+    assert wait_for(lambda: not squeue("cancel-me"), timeout=60)
+    study = load(tmp_path, "cancel-me")
+    assert TrialState.RUNNING not in [t.state for t in study.get_trials()]
+    assert study.get_trials()[0].system_attrs[RETRIED_ATTR]
