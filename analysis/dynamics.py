@@ -71,9 +71,9 @@ def plot_runs(runs: list[tuple[Path, str]], out: Path, title: str = "", panels: 
         ax.set_visible(False)
     if len(labels) > 1:
         handles = [plt.Line2D([0], [0], color=palette[label], lw=2) for label in labels]
-        fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), frameon=False)
+        fig.legend(handles, labels, loc="upper right", ncol=min(6, len(labels)), frameon=False)
     if title:
-        fig.suptitle(title, y=0.995, fontsize=10)
+        fig.suptitle(title, x=0.01, y=0.995, ha="left", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.92 if rows == 1 else 0.94))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)

@@ -251,7 +251,12 @@ class SlurmOptions:
     detach: bool = False                                  # Ctrl-C leaves jobs running
 
 
-def add_slurm_arguments(parser) -> None:
+def add_executor_arguments(parser, unit: str) -> None:
+    """--executor, --workers and the SLURM options; ``unit`` names what one task is."""
+    parser.add_argument("--executor", choices=("inline", "local", "slurm"),
+                        help=f"inline: in this process; local: --workers processes; slurm: one SLURM job per {unit} "
+                             "(default: local if --workers > 1, else inline)")
+    parser.add_argument("--workers", type=int, default=1, help=f"{unit}s running at once")
     group = parser.add_argument_group("SLURM executor (--executor slurm)")
     group.add_argument("--slurm-partition")
     group.add_argument("--slurm-account")
@@ -399,3 +404,16 @@ class SlurmExecutor(Executor):
 
     def dead_jobs(self) -> set[str]:
         return set(self._dead)
+
+
+def executor_from_args(args, slurm_folder: Path, job_name: str = "clipse") -> Executor:
+    kind = args.executor or ("local" if args.workers > 1 else "inline")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if kind == "inline":
+        if args.workers > 1:
+            raise UserError("--executor inline runs one at a time; use --executor local for --workers > 1")
+        return InlineExecutor()
+    if kind == "local":
+        return LocalExecutor(args.workers)
+    return SlurmExecutor(slurm_folder, slurm_options_from_args(args), args.workers, job_name=job_name)

@@ -29,8 +29,7 @@ from optuna.trial import TrialState
 
 from clipse.config import SELECT_METRICS, add_config_arguments, config_overrides, TrainConfig
 from clipse.errors import UserError, cli_main, configure_logging
-from clipse.executors import (Executor, InlineExecutor, LocalExecutor, SlurmExecutor, Task, add_slurm_arguments,
-                              slurm_options_from_args)
+from clipse.executors import Executor, Task, add_executor_arguments, executor_from_args
 from clipse.objective import StudyRef, TrialOutcome, run_trial_task
 from clipse.progress import ProgressLine
 from clipse.spaces import available_spaces, load_space
@@ -56,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", help="Optuna RDB URL, or a journal file path (default: "
                         "studies/<study>/journal.log)")
     parser.add_argument("--studies-dir", default="studies", type=Path, help="where study folders live")
-    parser.add_argument("--executor", choices=("inline", "local", "slurm"),
-                        help="inline: trials in this process; local: --workers processes; slurm: one SLURM job "
-                             "per trial (default: local if --workers > 1, else inline)")
-    parser.add_argument("--workers", type=int, default=1, help="trials running at once")
+    add_executor_arguments(parser, "trial")
     parser.add_argument("--seed", type=int, help="seed of the sampler and of every trial's training (default 0)")
     parser.add_argument("--metric", choices=SELECT_METRICS, help="objective (default val_r1_mean)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="tpe (default; multivariate, constant liar) or random")
@@ -72,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "minutes to restart; jobs that ended are noticed from sacct at once)")
     parser.add_argument("--max-retries", type=int, default=2, help="retries of a trial whose worker died")
     add_config_arguments(parser.add_argument_group("training settings fixed for every trial"), only=BASE_FLAGS)
-    add_slurm_arguments(parser)
     return parser
 
 
@@ -99,22 +94,6 @@ def resolve_settings(args: argparse.Namespace, existing: StudySettings | None, s
         raise UserError(f"study '{args.study or space.name}' was created with other settings: {'; '.join(conflicts)}; "
                         "drop those flags or use a new --study")
     return existing
-
-
-def make_executor(args: argparse.Namespace, study_dir: Path, storage: str) -> Executor:
-    kind = args.executor or ("local" if args.workers > 1 else "inline")
-    if args.workers < 1:
-        raise UserError("--workers must be at least 1")
-    if kind == "inline":
-        if args.workers > 1:
-            raise UserError("--executor inline runs one trial at a time; use --executor local for --workers > 1")
-        return InlineExecutor()
-    if kind == "local":
-        return LocalExecutor(args.workers)
-    if storage.startswith("sqlite"):
-        raise UserError(f"storage {storage}: SQLite is not safe for SLURM jobs on several nodes; use "
-                        "--storage postgresql://... or a journal file on a shared filesystem (the default)")
-    return SlurmExecutor(study_dir / "slurm", slurm_options_from_args(args), args.workers, job_name=study_dir.name)
 
 
 def top_trials_table(study: optuna.Study, limit: int = 10) -> str:
@@ -193,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if name in study_names(backend):
         existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
     settings = resolve_settings(args, existing, space)
-    executor = make_executor(args, study_dir, storage)
+    if (args.executor == "slurm") and storage.startswith("sqlite"):
+        raise UserError(f"storage {storage}: SQLite is not safe for SLURM jobs on several nodes; use "
+                        "--storage postgresql://... or a journal file on a shared filesystem (the default)")
+    executor = executor_from_args(args, study_dir / "slurm", job_name=name)
     if args.heartbeat_grace is None:
         args.heartbeat_grace = SLURM_GRACE_S if executor.name == "slurm" else DEFAULT_GRACE_S
     study = create_or_load(name, backend, settings, int(settings.base.get("epochs", TrainConfig().epochs)))

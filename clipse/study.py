@@ -122,7 +122,11 @@ def create_or_load(name: str, backend: optuna.storages.BaseStorage, settings: St
 
 
 def stored_settings(study: optuna.Study) -> StudySettings:
-    return StudySettings(**study.user_attrs[SETTINGS_ATTR])
+    try:
+        return StudySettings(**study.user_attrs[SETTINGS_ATTR])
+    except (KeyError, TypeError):
+        raise UserError(f"study '{study.study_name}' was not made by this version of clipse "
+                        "(its stored settings do not match); use a new --study") from None
 
 
 def load_study(name: str, storage: str) -> optuna.Study:

@@ -183,16 +183,15 @@ def run_id_for(config: TrainConfig, run_dir: Path) -> str:
     return f"{config.study}/{run_dir.name}" if config.study else run_dir.name
 
 
-def _check_resumable(config: TrainConfig, run_dir: Path) -> None:
+def config_differences(config: TrainConfig, run_dir: Path) -> list[str]:
+    """Settings that differ from the run folder's saved config (ignoring the resume-free ones)."""
     saved_file = run_dir / "config.yaml"
     if not saved_file.exists():
-        return
+        return []
     saved = load_config_file(saved_file).to_mapping()
     current = config.to_mapping()
-    changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current
-               if k not in RESUME_FREE_KEYS and saved.get(k) != current[k]]
-    if changed:
-        raise UserError(f"{run_dir}: cannot resume with a different configuration ({'; '.join(changed)})")
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current
+            if k not in RESUME_FREE_KEYS and saved.get(k) != current[k]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +208,9 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
     if not config.resume and (last_path.exists() or result_path.exists()):
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --run-dir")
     if config.resume:
-        _check_resumable(config, run_dir)
+        changed = config_differences(config, run_dir)
+        if changed:
+            raise UserError(f"{run_dir}: cannot resume with a different configuration ({'; '.join(changed)})")
         if result_path.exists():
             finished = TrainResult.load(result_path)
             if finished.status in ("completed", "diverged"):
