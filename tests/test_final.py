@@ -1,0 +1,146 @@
+"""The final report on a tiny study created here: every file, numbers that agree with runs.csv,
+real images, reuse on re-run, and clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from analysis.summary import load_ranks, paired_bootstrap
+from clipse.final import main as final_main
+from clipse.metrics import METRIC_KEYS, metrics_from_ranks
+from clipse.search import main as search_main
+
+TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+        "--batch-size", "16", "--epochs", "2"]
+FILES = ["runs.csv", "summary.csv", "summary.md", "dynamics.png", "test_metrics.png", "search_history.png",
+         "param_importances.png"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A 3-trial debias study, then `clipse.final --seeds 2 --top-k 2` on it (no baseline study)."""
+    root = tmp_path_factory.mktemp("final")
+    studies = root / "studies"
+    common = ["--studies-dir", str(studies)]
+    import os
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        assert search_main(["--space", "debias", "--trials", "3", "--pruner", "none", "--data-root",
+                            str(root / "shapes"), *TINY, *common]) == 0
+        assert final_main(["--study", "debias", "--seeds", "2", "--top-k", "2", "--resamples", "200", *common]) == 0
+    finally:
+        os.chdir(old)
+    return root, studies / "debias" / "final"
+
+
+def test_every_file_is_written(report):
+    _, final = report
+    for name in FILES:
+        assert (final / name).is_file(), name
+    runs = pd.read_csv(final / "runs.csv")
+    assert len(runs) == 6 and sorted(runs["label"].unique()) == sorted(["baseline", *runs["label"].unique()[:2]])
+    assert set(runs.groupby("label")["seed"].apply(tuple)) == {(0, 1)}
+    assert (runs[runs["label"] == "baseline"]["loss"] == "infonce").all()
+    assert (runs[runs["label"] != "baseline"]["loss"] == "sanw_debias").all()
+    assert all(Path(d, "test_ranks.npz").is_file() for d in runs["run_dir"])
+    text = (final / "summary.md").read_text()
+    assert "InfoNCE with the other settings of trial-" in text and "no completed 'baseline' study found" in text
+    assert "paired bootstrap" in text and "R@1 mean verdict" in text
+
+
+def test_summary_equals_recomputation_from_runs_csv(report):
+    _, final = report
+    runs = pd.read_csv(final / "runs.csv")
+    summary = pd.read_csv(final / "summary.csv")
+    baseline = runs[runs["label"] == "baseline"]
+    for _, row in summary.iterrows():
+        values = runs.loc[runs["label"] == row["label"], f"test_{row['metric']}"]
+        assert row["mean"] == pytest.approx(values.mean())
+        assert row["std"] == pytest.approx(values.std(ddof=1))
+        if row["label"] != "baseline":
+            assert row["diff"] == pytest.approx(values.mean() - baseline[f"test_{row['metric']}"].mean())
+            if not row["metric"].endswith("_mr"):
+                assert row["ci_low"] <= row["ci_high"]
+    # every test metric in runs.csv is what the saved per-query ranks give
+    for _, run in runs.iterrows():
+        recomputed = metrics_from_ranks(load_ranks(Path(run["run_dir"])))
+        for key in METRIC_KEYS:
+            assert run[f"test_{key}"] == pytest.approx(recomputed[key])
+
+
+def test_pngs_open_and_are_not_blank(report):
+    _, final = report
+    for name in FILES:
+        if name.endswith(".png"):
+            with Image.open(final / name) as image:
+                pixels = np.asarray(image.convert("L"), dtype=float)
+            assert image.size[0] > 300 and pixels.std() > 5, name
+
+
+def test_rerun_reuses_finished_runs(report, capsys):
+    root, final = report
+    registry = root / "studies" / "run_registry.csv"
+    before = registry.read_text()
+    assert final_main(["--study", "debias", "--seeds", "2", "--top-k", "2", "--resamples", "200",
+                       "--studies-dir", str(root / "studies")]) == 0
+    assert "6 of 6 runs already finished; training 0" in capsys.readouterr().err
+    assert registry.read_text() == before  # nothing trained again
+
+
+def test_other_epochs_on_existing_runs_is_refused(report, capsys):
+    root, _ = report
+    assert final_main(["--study", "debias", "--seeds", "2", "--epochs", "3",
+                       "--studies-dir", str(root / "studies")]) == 2
+    assert "was trained with other settings (epochs: 2 -> 3)" in capsys.readouterr().err
+
+
+def test_unknown_study_lists_existing_ones(report, capsys):
+    root, _ = report
+    assert final_main(["--study", "nope", "--studies-dir", str(root / "studies")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no study 'nope'" in err[0] and "(studies there: debias)" in err[0]
+
+
+def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
+    """A model that ranks every query first versus one that is random: the interval excludes 0;
+    the same runs against themselves: it is [0, 0]."""
+    from clipse.metrics import retrieval_ranks
+    import torch
+    g = torch.Generator().manual_seed(0)
+    owner = np.repeat(np.arange(40), 3)
+    images = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+    perfect = retrieval_ranks(images, images[owner], owner)
+    noisy = [retrieval_ranks(images, torch.randn(120, 16, generator=g), owner) for _ in range(2)]
+    interval = paired_bootstrap([perfect, perfect], noisy, resamples=300)
+    assert interval["r1_mean"][0] > 0.5
+    same = paired_bootstrap(noisy, noisy, resamples=100)
+    assert same["r1_mean"] == (0.0, 0.0)
+
+
+def test_analysis_modules_run_on_their_own(report, tmp_path):
+    root, final = report
+    table = pd.read_csv(final / "runs.csv")
+    first = table["label"].iloc[0]
+    runs = table.loc[table["label"].isin([first, "baseline"]), "run_dir"].tolist()  # one config + baseline
+    out = tmp_path / "own"
+    summary = subprocess.run([sys.executable, "-m", "analysis.summary", *runs, "--baseline", "infonce", "--out",
+                              str(out), "--resamples", "100"], capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    table = pd.read_csv(out / "summary.csv")
+    assert set(table["label"]) == {"sanw_debias", "infonce"}
+    dynamics = subprocess.run([sys.executable, "-m", "analysis.dynamics", *runs, "--out", str(out / "d.png")],
+                              capture_output=True, text=True)
+    assert dynamics.returncode == 0 and (out / "d.png").is_file()
+    plots = subprocess.run([sys.executable, "-m", "analysis.search_plots", "debias", "--storage",
+                            str(root / "studies" / "debias" / "journal.log"), "--out", str(out)],
+                           capture_output=True, text=True)
+    assert plots.returncode == 0 and (out / "search_history.png").is_file()
+    missing = subprocess.run([sys.executable, "-m", "analysis.summary", str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "not a finished run" in missing.stderr
