@@ -61,8 +61,10 @@ class Executor:
     def wait(self, tasks: list[Task], timeout: float) -> None:
         """Refresh the tasks' states, blocking up to ``timeout`` seconds for one to change."""
 
-    def cancel(self, tasks: list[Task]) -> None:
-        """Stop unfinished tasks (running work gets Ctrl-C / scancel) and mark them."""
+    def cancel(self, tasks: list[Task]) -> bool:
+        """Stop unfinished tasks (running work gets Ctrl-C / scancel) and mark them; False when
+        the work was left running on purpose (SLURM ``--detach``)."""
+        return True
 
     def dead_jobs(self) -> set[str]:
         """SLURM job ids known to have ended (lets the lost-trial sweep act without waiting)."""
@@ -214,6 +216,7 @@ class LocalExecutor(Executor):
             if task is not None and not task.finished:
                 task.state = CANCELLED
         self._workers.clear()
+        return True
 
     def close(self):
         for process, connection, _ in self._workers.values():
@@ -394,13 +397,14 @@ class SlurmExecutor(Executor):
 
     def cancel(self, tasks):
         if self.options.detach:
-            return
+            return False
         for task in tasks:
             job = self._jobs.get(id(task))
             if job is not None and not task.finished:
                 job.cancel(check=False)
                 task.state = CANCELLED
                 self._dead.add(job.job_id)
+        return True
 
     def dead_jobs(self) -> set[str]:
         return set(self._dead)

@@ -144,13 +144,16 @@ def coordinate(study: optuna.Study, ref: StudyRef, executor: Executor, total: in
                 raise UserError(f"workers cannot run trials ({consecutive_errors} failures in a row): {task.error}")
 
 
-def shutdown_after_interrupt(study: optuna.Study, ref: StudyRef, executor: Executor, tasks: list[Task]) -> None:
+def shutdown_after_interrupt(study: optuna.Study, ref: StudyRef, executor: Executor, tasks: list[Task]) -> bool:
     """Stop this session's work and leave none of its trials RUNNING (they are failed and
-    queued again, so the next run resumes them from their checkpoints)."""
+    queued again, so the next run resumes them from their checkpoints). Returns False when the
+    work was detached: its jobs run on and keep their trials alive with heartbeats."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish cleaning up on a second Ctrl-C
     try:
-        executor.cancel([t for t in tasks if not t.finished])
-        sweep_lost_trials(study, session=ref.session, everything_of_session=True)
+        stopped = executor.cancel([t for t in tasks if not t.finished])
+        if stopped:
+            sweep_lost_trials(study, session=ref.session, everything_of_session=True)
+        return stopped
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -186,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
           f"in {storage}\nspace {space.name}: {', '.join(space.params)} | objective {settings.metric} (best epoch) | "
           f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | executor {executor.name}"
           + (f" x{args.workers}" if executor.name != "inline" else ""), file=sys.stderr)
-    interrupted, tasks = False, []
+    interrupted, stopped, tasks = False, True, []
     with ProgressLine(name, args.trials, lambda: count_trials(study)):
         try:
             coordinate(study, ref, executor, args.trials, args, tasks)
         except KeyboardInterrupt:
             interrupted = True
-            shutdown_after_interrupt(study, ref, executor, tasks)
+            stopped = shutdown_after_interrupt(study, ref, executor, tasks)
         except BaseException:
             shutdown_after_interrupt(study, ref, executor, tasks)  # leave no job or trial behind
             raise
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstudy folder: {study_dir}")
     print(f"watch it:     optuna-dashboard {shlex.quote(storage)} --artifact-dir {shlex.quote(str(study_dir / 'artifacts'))}")
     if interrupted:
-        print(f"\ninterrupted: {counts.finished}/{args.trials} trials finished, none left running. Resume with:\n"
+        state = "none left running" if stopped else f"{counts.running} left running in detached jobs"
+        print(f"\ninterrupted: {counts.finished}/{args.trials} trials finished, {state}. Resume (or watch) with:\n"
               f"  python -m clipse.search {' '.join(shlex.quote(a) for a in argv)}", file=sys.stderr)
         return 130
     if counts.complete == 0:

@@ -165,7 +165,10 @@ def loss_function(config: TrainConfig) -> Callable:
 
 
 def effective_alpha(config: TrainConfig, epoch_progress: float) -> float:
-    """Strength warm-up: alpha ramps linearly from 0 over the first ``alpha_warmup_epochs``."""
+    """Strength warm-up: alpha ramps linearly from 0 over the first ``alpha_warmup_epochs``
+    (0 for InfoNCE, which has no strength)."""
+    if config.loss == "infonce":
+        return 0.0
     if config.alpha_warmup_epochs <= 0:
         return config.alpha
     return config.alpha * min(1.0, epoch_progress / config.alpha_warmup_epochs)

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,14 +15,12 @@ import pytest
 from optuna.trial import TrialState
 
 from clipse.search import main as search_main
-from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials, open_storage
+from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials
+
+from helpers import epochs_done, load_study, wait_for
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
-
-
-def load(tmp_path, study):
-    return optuna.load_study(study_name=study, storage=open_storage(str(tmp_path / "studies" / study / "journal.log")))
 
 
 def search_args(tmp_path, space="bandpass", trials=3, *extra):
@@ -49,7 +46,7 @@ def test_inline_search_records_everything(tmp_path, capsys):
     code = search_main(search_args(tmp_path, "bandpass", 3, "--pruner", "none", "--seed", "3"))
     out = capsys.readouterr()
     assert code == 0, out.err
-    study = load(tmp_path, "bandpass")
+    study = load_study(tmp_path, "bandpass")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 3  # distinct samples
@@ -73,19 +70,19 @@ def test_inline_search_records_everything(tmp_path, capsys):
 def test_seeded_inline_search_is_reproducible(tmp_path, capsys):
     for name in ("a", "b"):
         assert search_main(search_args(tmp_path, "debias", 2, "--study", name, "--seed", "5")) == 0
-    a, b = load(tmp_path, "a").get_trials(), load(tmp_path, "b").get_trials()
+    a, b = load_study(tmp_path, "a").get_trials(), load_study(tmp_path, "b").get_trials()
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == [t.value for t in b]
 
 
 def test_trials_is_the_total_and_resume_repeats_nothing(tmp_path, capsys):
     assert search_main(search_args(tmp_path, "baseline", 2)) == 0
-    first = [(t.number, t.params, t.value) for t in load(tmp_path, "baseline").get_trials()]
+    first = [(t.number, t.params, t.value) for t in load_study(tmp_path, "baseline").get_trials()]
     assert search_main(search_args(tmp_path, "baseline", 4)) == 0
-    trials = load(tmp_path, "baseline").get_trials()
+    trials = load_study(tmp_path, "baseline").get_trials()
     assert len(trials) == 4 and [(t.number, t.params, t.value) for t in trials[:2]] == first
     assert search_main(search_args(tmp_path, "baseline", 4)) == 0  # already complete: nothing to do
-    assert len(load(tmp_path, "baseline").get_trials()) == 4
+    assert len(load_study(tmp_path, "baseline").get_trials()) == 4
     assert len(list((tmp_path / "studies" / "baseline" / "runs").iterdir())) == 4
 
 
@@ -118,8 +115,8 @@ def test_invalid_parameters_are_pruned_not_trained(tmp_path, capsys):
                      "  m1: {type: float, low: 0.5, high: 0.9}\n  m2: {type: float, low: 0.1, high: 0.6}\n")
     code = search_main(search_args(tmp_path, str(space), 2))
     assert code == 1  # nothing completed
-    trials = load(tmp_path, "overlap").get_trials()
-    assert states(load(tmp_path, "overlap")) == [TrialState.PRUNED] * 2
+    trials = load_study(tmp_path, "overlap").get_trials()
+    assert states(load_study(tmp_path, "overlap")) == [TrialState.PRUNED] * 2
     assert all("the band needs m1 < m2" in t.user_attrs["rejected"] for t in trials)
     assert not (tmp_path / "studies" / "overlap" / "runs").exists()
 
@@ -128,7 +125,7 @@ def test_a_trial_that_raises_fails_with_its_error_and_the_rest_continue(tmp_path
     space = tmp_path / "models.yaml"
     space.write_text("params:\n  model: {type: categorical, choices: [clipse-tiny, no-such-model]}\n")
     assert search_main(search_args(tmp_path, str(space), 6, "--sampler", "random", "--seed", "1")) == 0
-    trials = load(tmp_path, "models").get_trials()
+    trials = load_study(tmp_path, "models").get_trials()
     assert len(trials) == 6
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and all(t.params["model"] == "no-such-model" for t in failed)
@@ -141,26 +138,12 @@ def test_four_local_workers_reach_the_exact_total(tmp_path):
     result = cli(tmp_path, *search_args(tmp_path, "debias", 8, "--workers", "4"))
     assert result.returncode == 0, result.stderr
     assert "database is locked" not in result.stdout + result.stderr
-    study = load(tmp_path, "debias")
+    study = load_study(tmp_path, "debias")
     assert set(states(study)) <= {TrialState.COMPLETE, TrialState.PRUNED}
     counts = count_trials(study)
     assert counts.finished == 8 and counts.running == 0 and len(study.get_trials()) == 8
     pids = {t.system_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}
     assert len(pids) > 1  # really ran in several processes
-
-
-def _wait_for(predicate, timeout=180, interval=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def _first_epoch_done(tmp_path, study, trial=0):
-    epochs = tmp_path / "studies" / study / "runs" / f"trial-{trial:05d}" / "epochs.csv"
-    return epochs.exists() and len(epochs.read_text().splitlines()) >= 2
 
 
 SLOW_TRIAL = ["--shapes-train-images", "400", "--epochs", "3"]  # long enough to be interrupted mid-trial
@@ -171,12 +154,12 @@ def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
     args = search_args(tmp_path, "baseline", 2, "--pruner", "none", *SLOW_TRIAL)
     process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: _first_epoch_done(tmp_path, "baseline"))
+    assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "none left running. Resume with:" in err and "python -m clipse.search --space baseline" in err
-    study = load(tmp_path, "baseline")
+    assert "none left running. Resume (or watch) with:" in err and "python -m clipse.search --space baseline" in err
+    study = load_study(tmp_path, "baseline")
     assert TrialState.RUNNING not in states(study)
     interrupted = study.get_trials()[0]
     assert interrupted.state == TrialState.FAIL and interrupted.system_attrs[RETRIED_ATTR]
@@ -184,7 +167,7 @@ def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
 
     resumed = cli(tmp_path, *args)
     assert resumed.returncode == 0, resumed.stderr
-    study = load(tmp_path, "baseline")
+    study = load_study(tmp_path, "baseline")
     counts = count_trials(study)
     assert counts.complete == 2 and counts.running == 0
     retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == interrupted.number)
@@ -202,13 +185,13 @@ def test_killed_coordinator_then_rerun_recovers(tmp_path):
     args = search_args(tmp_path, "baseline", 2, "--pruner", "none", *SLOW_TRIAL)
     process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert _wait_for(lambda: _first_epoch_done(tmp_path, "baseline"))
+    assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert states(load(tmp_path, "baseline"))[0] == TrialState.RUNNING
+    assert states(load_study(tmp_path, "baseline"))[0] == TrialState.RUNNING
     resumed = cli(tmp_path, *args)
     assert resumed.returncode == 0, resumed.stderr
-    study = load(tmp_path, "baseline")
+    study = load_study(tmp_path, "baseline")
     first = study.get_trials()[0]
     assert first.state == TrialState.FAIL and "is gone" in first.system_attrs[LOST_ATTR]
     counts = count_trials(study)
@@ -220,14 +203,14 @@ def test_sigkilled_local_worker_is_replaced_and_its_trial_retried(tmp_path):
     args = search_args(tmp_path, "baseline", 3, "--pruner", "none", "--workers", "2", *SLOW_TRIAL)
     process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: _first_epoch_done(tmp_path, "baseline"))
-    victim = load(tmp_path, "baseline").get_trials()[0]
+    assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
+    victim = load_study(tmp_path, "baseline").get_trials()[0]
     worker_pid = victim.system_attrs[OWNER_ATTR]["pid"]
     assert worker_pid != process.pid
     os.kill(worker_pid, signal.SIGKILL)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    study = load(tmp_path, "baseline")
+    study = load_study(tmp_path, "baseline")
     counts = count_trials(study)
     assert counts.complete == 3 and counts.running == 0 and counts.failed == 0
     lost = study.get_trials()[0]
@@ -266,7 +249,7 @@ def test_optuna_dashboard_reads_the_study_over_http(tmp_path, capsys):
             except OSError:
                 return None
 
-        if not _wait_for(up, timeout=60, interval=0.3):
+        if not wait_for(up, timeout=60, interval=0.3):
             dashboard.kill()
             pytest.fail("dashboard did not start: " + dashboard.communicate()[0].decode()[-2000:])
         summaries = _get_json(f"{base}/api/studies")["study_summaries"]

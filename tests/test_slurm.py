@@ -9,14 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
-from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials, open_storage
+from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials
+
+from helpers import epochs_done, load_study, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -41,24 +41,6 @@ def run(tmp_path, *args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def load(tmp_path, study):
-    return optuna.load_study(study_name=study, storage=open_storage(str(tmp_path / "studies" / study / "journal.log")))
-
-
-def wait_for(predicate, timeout=300, interval=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def epochs_done(tmp_path, study, trial=0):
-    path = tmp_path / "studies" / study / "runs" / f"trial-{trial:05d}" / "epochs.csv"
-    return len(path.read_text().splitlines()) - 1 if path.exists() else 0
-
-
 def squeue(name):
     out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True).stdout
     return [line.split() for line in out.splitlines() if line.strip()]
@@ -67,7 +49,7 @@ def squeue(name):
 def test_trials_run_as_a_job_array_with_fake_gpus(slurm_cluster, tmp_path):
     result = run(tmp_path, *args_for(tmp_path, "debias", 4, "--workers", "2", "--gpus-per-node", "1"))
     assert result.returncode == 0, result.stderr
-    study = load(tmp_path, "debias")
+    study = load_study(tmp_path, "debias")
     trials = study.get_trials()
     assert len(trials) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     arrays = {t.user_attrs["slurm_job_id"] for t in trials}
@@ -86,10 +68,10 @@ def test_refused_submission_is_one_line_and_loses_nothing(slurm_cluster, tmp_pat
     lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "SLURM refused the submission" in lines[0]
     assert "Requested node configuration is not available" in lines[0] and "Traceback" not in refused.stderr
-    assert len(load(tmp_path, "baseline").get_trials()) == 0
+    assert len(load_study(tmp_path, "baseline").get_trials()) == 0
     again = run(tmp_path, *args_for(tmp_path, "baseline", 2))  # the study is intact and usable
     assert again.returncode == 0, again.stderr
-    assert count_trials(load(tmp_path, "baseline")).complete == 2
+    assert count_trials(load_study(tmp_path, "baseline")).complete == 2
 
 
 def test_sqlite_storage_is_refused_for_slurm(slurm_cluster, tmp_path):
@@ -100,11 +82,11 @@ def test_sqlite_storage_is_refused_for_slurm(slurm_cluster, tmp_path):
 def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
     process = start(tmp_path, *args_for(tmp_path, "baseline", 2, "--workers", "2", *SLOW))
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
-    owner = load(tmp_path, "baseline").get_trials()[0].system_attrs[OWNER_ATTR]
+    owner = load_study(tmp_path, "baseline").get_trials()[0].system_attrs[OWNER_ATTR]
     os.kill(owner["pid"], signal.SIGKILL)  # the worker dies (as under the OOM killer)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    study = load(tmp_path, "baseline")
+    study = load_study(tmp_path, "baseline")
     counts = count_trials(study)
     assert counts.complete == 2 and counts.running == 0 and counts.failed == 0
     lost = study.get_trials()[0]
@@ -120,14 +102,14 @@ def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
 def test_requeued_job_resumes_its_trial(slurm_cluster, tmp_path):
     process = start(tmp_path, *args_for(tmp_path, "baseline", 1, *SLOW))
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
-    job = load(tmp_path, "baseline").get_trials()[0].system_attrs[OWNER_ATTR]["slurm_job"]
+    job = load_study(tmp_path, "baseline").get_trials()[0].system_attrs[OWNER_ATTR]["slurm_job"]
     subprocess.run(["scontrol", "requeue", job], check=True)
     # a requeued job waits two minutes before it may start again; once it is pending, start it now
     assert wait_for(lambda: ["PENDING"] in [row[1:] for row in squeue("baseline")], timeout=60)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    study = load(tmp_path, "baseline")
+    study = load_study(tmp_path, "baseline")
     trials = study.get_trials()
     assert len(trials) == 1 and trials[0].state == TrialState.COMPLETE  # the same trial, continued
     rows = (Path(trials[0].user_attrs["run_dir"]) / "epochs.csv").read_text().splitlines()[1:]
@@ -143,8 +125,8 @@ def test_ctrl_c_cancels_jobs_and_leaves_nothing_running(slurm_cluster, tmp_path)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "Resume with:" in err
+    assert "none left running. Resume (or watch) with:" in err
     assert wait_for(lambda: not squeue("cancel-me"), timeout=60)
-    study = load(tmp_path, "cancel-me")
+    study = load_study(tmp_path, "cancel-me")
     assert TrialState.RUNNING not in [t.state for t in study.get_trials()]
     assert study.get_trials()[0].system_attrs[RETRIED_ATTR]
