@@ -3,7 +3,6 @@
 import hashlib
 import re
 import logging
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,6 @@
 """The final report on a tiny study created here: every file, numbers that agree with runs.csv,
 real images, reuse on re-run, and clear errors."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
