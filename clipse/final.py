@@ -161,25 +161,30 @@ def execute(runs: list[PlannedRun], executor, label: str) -> None:
     if not todo:
         return
     started = time.time()
+    queue = list(todo)
     tasks: list[Task] = []
+    reported = set()
     try:
-        tasks = executor.submit(run_final_task, [(r.config.to_mapping(),) for r in todo],
-                                [f"{r.label}-seed{r.seed}" for r in todo])
-        reported = set()
         while True:
+            room = min(len(queue), executor.capacity - sum(not t.finished for t in tasks))
+            if room > 0:  # the inline executor trains one run per call, so each is reported as it ends
+                batch, queue = queue[:room], queue[room:]
+                tasks += executor.submit(run_final_task, [(r.config.to_mapping(),) for r in batch],
+                                         [f"{r.label}-seed{r.seed}" for r in batch])
             for task in tasks:
                 if task.finished and id(task) not in reported:
                     reported.add(id(task))
                     done = len(reported)
-                    eta = (time.time() - started) / done * (len(tasks) - done)
+                    eta = (time.time() - started) / done * (len(todo) - done)
                     status = task.result["status"] if task.state == "done" else f"{task.state}: {task.error}"
-                    print(f"[{label}] {done}/{len(tasks)} runs done ({task.label}: {status}) | "
+                    print(f"[{label}] {done}/{len(todo)} runs done ({task.label}: {status}) | "
                           f"{format_duration(time.time() - started)} elapsed | ETA {format_duration(eta)}",
                           file=sys.stderr)
             outstanding = [t for t in tasks if not t.finished]
-            if not outstanding:
+            if not outstanding and not queue:
                 break
-            executor.wait(outstanding, 2.0)
+            if outstanding:
+                executor.wait(outstanding, 2.0)
         executor.close()
     except BaseException:
         executor.cancel([t for t in tasks if not t.finished])

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from clipse.search import main as search_main
 from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials
 
-from helpers import epochs_done, load_study, wait_for
+from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
@@ -210,15 +210,7 @@ def test_sigkilled_local_worker_is_replaced_and_its_trial_retried(tmp_path):
     os.kill(worker_pid, signal.SIGKILL)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    study = load_study(tmp_path, "baseline")
-    counts = count_trials(study)
-    assert counts.complete == 3 and counts.running == 0 and counts.failed == 0
-    lost = study.get_trials()[0]
-    assert lost.state == TrialState.FAIL and lost.system_attrs[RETRIED_ATTR]
-    retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == 0)
-    assert retry.state == TrialState.COMPLETE and retry.params == lost.params
-    epochs = (Path(retry.user_attrs["run_dir"]) / "epochs.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in epochs[1:]] == ["1", "2", "3"]
+    assert_first_trial_retried(load_study(tmp_path, "baseline"), total=3)
 
 
 def _free_port() -> int:

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials
 
-from helpers import epochs_done, load_study, wait_for
+from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -86,17 +86,9 @@ def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
     os.kill(owner["pid"], signal.SIGKILL)  # the worker dies (as under the OOM killer)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    study = load_study(tmp_path, "baseline")
-    counts = count_trials(study)
-    assert counts.complete == 2 and counts.running == 0 and counts.failed == 0
-    lost = study.get_trials()[0]
-    assert lost.state == TrialState.FAIL and lost.system_attrs[RETRIED_ATTR]
+    lost, retry = assert_first_trial_retried(load_study(tmp_path, "baseline"), total=2)
     assert owner["slurm_job"] in lost.system_attrs[LOST_ATTR] or "heartbeat" in lost.system_attrs[LOST_ATTR]
-    retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == 0)
-    assert retry.state == TrialState.COMPLETE and retry.params == lost.params
     assert retry.user_attrs["slurm_job_id"] != lost.user_attrs["slurm_job_id"]
-    rows = (Path(retry.user_attrs["run_dir"]) / "epochs.csv").read_text().splitlines()[1:]
-    assert [r.split(",")[0] for r in rows] == ["1", "2", "3"]  # resumed, no epoch trained twice
 
 
 def test_requeued_job_resumes_its_trial(slurm_cluster, tmp_path):
