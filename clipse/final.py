@@ -166,8 +166,10 @@ def execute(runs: list[PlannedRun], executor, label: str) -> None:
     reported = set()
     try:
         while True:
+            # executors take at most `capacity` unfinished tasks; the rest wait here (the inline
+            # executor trains each run as it is submitted, so each is reported as it ends)
             room = min(len(queue), executor.capacity - sum(not t.finished for t in tasks))
-            if room > 0:  # the inline executor trains one run per call, so each is reported as it ends
+            if room > 0:
                 batch, queue = queue[:room], queue[room:]
                 tasks += executor.submit(run_final_task, [(r.config.to_mapping(),) for r in batch],
                                          [f"{r.label}-seed{r.seed}" for r in batch])
