@@ -1,4 +1,4 @@
-"""First versus second load of the default dataset (the decode-once caches of SPEC §3).
+"""First versus second load of the default dataset (the decode-once caches of docs/data.md).
 
 Runs in a fresh, temporary CLIPSE_CACHE. "first" is a cold load: reading the Flickr8k-layout
 files, decoding and resizing every image, tokenising every caption (the synthetic dataset is

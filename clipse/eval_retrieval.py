@@ -1,9 +1,9 @@
-"""Retrieval evaluation of a checkpoint (SPEC §2), and the public ``retrieval_metrics`` API.
+"""Retrieval evaluation of a checkpoint (``docs/metrics.md``), and the public ``retrieval_metrics`` API.
 
     python -m clipse.eval_retrieval --checkpoint studies/adhoc/runs/<run>/best.pt --split test
 
 A clipse checkpoint carries its run's configuration (model, data); any other checkpoint needs
-``--model`` and the data flags. ``--json`` prints one JSON object with the SPEC §8 metric keys.
+``--model`` and the data flags. ``--json`` prints one JSON object with the metric keys.
 """
 
 from __future__ import annotations
@@ -13,18 +13,16 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from clipse.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors
-from clipse.config import TrainConfig, add_config_arguments, config_overrides
+from clipse.checkpoints import read_checkpoint
+from clipse.config import DATA_KEYS, TrainConfig, add_config_arguments, config_overrides
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.evaluation import ImageNormalizer, evaluate_split
 from clipse.metrics import METRIC_KEYS, retrieval_metrics
 
 __all__ = ["retrieval_metrics", "evaluate_checkpoint", "format_table", "main"]
 
-CONFIG_FLAGS = ["data", "data_root", "image_root", "data_seed", "shapes_train_images", "shapes_val_images",
-                "shapes_test_images", "val_fraction", "test_fraction", "model", "device"]
+CONFIG_FLAGS = (*DATA_KEYS, "model", "device")
 
 
 def checkpoint_config(path: Path) -> TrainConfig | None:
@@ -33,10 +31,7 @@ def checkpoint_config(path: Path) -> TrainConfig | None:
         raise UserError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # many kinds for a damaged or foreign file
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    state = read_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
         return TrainConfig.from_mapping(state["config"], f"{path} (stored config)")
     return None
@@ -61,7 +56,7 @@ def evaluate_checkpoint(path: Path, split: str, overrides: dict) -> tuple[dict[s
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    """The SPEC §2 table: one row per direction, recalls in percent."""
+    """One row per direction, recalls in percent."""
     header = f"{'':12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MR':>8}{'mAP@10':>9}"
     rows = [header]
     for prefix, label in (("i2t", "image->text"), ("t2i", "text->image")):

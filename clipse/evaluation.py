@@ -1,4 +1,4 @@
-"""Encoding a split once and scoring retrieval on it (SPEC §2)."""
+"""Encoding a split once and scoring retrieval on it (docs/metrics.md)."""
 
 from __future__ import annotations
 

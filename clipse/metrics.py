@@ -1,4 +1,4 @@
-"""Retrieval metrics of SPEC §2 (the CLIP_benchmark protocol plus median rank and mAP@10).
+"""Retrieval metrics (docs/metrics.md: the CLIP_benchmark protocol plus median rank and mAP@10).
 
 Every image and every caption is encoded once; ``S = text_emb @ image_emb.T``. Ranks are
 1-based: 1 + the number of candidates scored strictly higher. Text->image has one relevant
@@ -75,7 +75,7 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_ima
 
 
 def metrics_from_ranks(ranks: RetrievalRanks, image_counts: np.ndarray | None = None) -> dict[str, float]:
-    """The SPEC §2 metric dict. ``image_counts`` weighs each image (and its captions) that many
+    """The metric dict. ``image_counts`` weighs each image (and its captions) that many
     times, as a bootstrap resample of the test images does; ``None`` weighs all once."""
     counts = np.ones(len(ranks.i2t_best_rank)) if image_counts is None else np.asarray(image_counts, float)
     caption_counts = counts[ranks.caption_image]
@@ -97,6 +97,6 @@ def metrics_from_ranks(ranks: RetrievalRanks, image_counts: np.ndarray | None = 
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image_index) -> dict[str, float]:
-    """SPEC §8 API: metrics for N images and C captions; ``caption_image_index[k]`` is the row
+    """The public API: metrics for N images and C captions; ``caption_image_index[k]`` is the row
     of caption k's image. Recalls are fractions in [0, 1]; MR is a (possibly .5) median rank."""
     return metrics_from_ranks(retrieval_ranks(image_emb, text_emb, caption_image_index))

@@ -1,10 +1,11 @@
-"""OpenCLIP models, fully offline (SPEC §4).
+"""OpenCLIP models, fully offline.
 
 A model is an OpenCLIP architecture name plus nothing (random init), a pretrained tag whose
 weights are already in the local cache, or a local checkpoint file (plain state dict, OpenCLIP
 training checkpoint with ``state_dict`` and ``module.`` prefixes, ``.safetensors``, or a clipse
 run checkpoint). The project's own small architectures in ``clipse/model_configs`` are
-registered with OpenCLIP on import. Nothing is ever downloaded.
+registered with OpenCLIP on import. Nothing is ever downloaded, and checkpoint files are read
+with ``weights_only=True`` (``clipse.checkpoints``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import open_clip
 from open_clip.factory import load_state_dict
 import torch
 
+from clipse.checkpoints import checkpoint_error
 from clipse.errors import UserError
 
 PROJECT_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -109,9 +111,9 @@ def resolve_weights(model_name: str, pretrained: str | None) -> Path | None:
 
 def load_weights(model: torch.nn.Module, path: Path, model_name: str) -> None:
     try:
-        state = load_state_dict(str(path), weights_only=False)
-    except Exception as exc:  # torch and safetensors raise many kinds for a damaged file
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many kinds for a damaged or unsafe file
+        raise checkpoint_error(path, exc) from None
     model_keys = set(model.state_dict())
     missing = sorted(model_keys - set(state))
     unexpected = sorted(set(state) - model_keys)
@@ -120,13 +122,15 @@ def load_weights(model: torch.nn.Module, path: Path, model_name: str) -> None:
         raise UserError(f"{path}: does not fit model {model_name} ({len(missing)} missing and "
                         f"{len(unexpected)} unexpected weights, e.g. '{example}')")
     try:
-        open_clip.load_checkpoint(model, str(path), weights_only=False)
+        open_clip.load_checkpoint(model, str(path), weights_only=True)
     except RuntimeError as exc:
         raise UserError(f"{path}: does not fit model {model_name} ({str(exc).splitlines()[-1].strip()})") from None
 
 
-def create_model(name: str, pretrained: str | None = None, *, init_temperature: float = 0.07,
+def create_model(name: str, pretrained: str | None = None, *, init_temperature: float | None = None,
                  lock_image: bool = False, lock_text: bool = False) -> LoadedModel:
+    """``init_temperature`` sets the temperature of randomly initialised weights (None keeps
+    OpenCLIP's); loaded weights keep their own."""
     if name not in open_clip.list_models():
         raise UserError(f"unknown model '{name}' (project models: {', '.join(PROJECT_MODELS)}; "
                         f"see python -m clipse.train --list-models)")
@@ -134,10 +138,10 @@ def create_model(name: str, pretrained: str | None = None, *, init_temperature: 
     is_tag = weights is not None and not Path(pretrained).expanduser().is_file()
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if is_tag else {}
     model = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
-    if weights is None:
+    if weights is None and init_temperature is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1.0 / init_temperature))
-    else:
+    elif weights is not None:
         load_weights(model, weights, name)
     if lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)

@@ -14,13 +14,10 @@ stored in the trial's user attrs; ``training.csv`` and a dynamics plot become ar
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -28,9 +25,12 @@ from optuna.trial import TrialState
 
 from clipse.config import TrainConfig
 from clipse.errors import UserError
+from clipse.executors import worker_environment
+from clipse.paths import StudyFolder
+from clipse.run_folder import RunFolder
 from clipse.spaces import SearchSpace
-from clipse.study import (OWNER_ATTR, RETRIED_ATTR, Heartbeat, count_trials, load_study, owner_record,
-                          retry_lost_trial, stored_settings)
+from clipse.study import (HEARTBEAT_INTERVAL_S, OWNER_ATTR, RUN_DIR_ATTR, Heartbeat, count_trials, load_study,
+                          retried_numbers, retry_lost_trial, stored_settings, take_back)
 from clipse.train import EpochReport, train
 
 DIVERGED_VALUE = 0.0
@@ -46,57 +46,33 @@ class TrialOutcome:
 
 @dataclass(frozen=True)
 class StudyRef:
-    """Everything a worker needs to join a study (picklable, small)."""
+    """Everything a worker needs to join a study (picklable, small, and free of passwords)."""
 
     name: str
     storage: str
     study_dir: str
     session: str = ""
     total: int | None = None            # no task asks for a trial beyond the study's total
-    heartbeat_s: float = 10.0
-    extra_user_attrs: dict[str, Any] = field(default_factory=dict)
+    heartbeat_s: float = HEARTBEAT_INTERVAL_S
 
     @property
-    def artifact_dir(self) -> Path:
-        return Path(self.study_dir) / "artifacts"
-
-
-def trial_run_dir(ref: StudyRef, trial: optuna.Trial) -> Path:
-    return Path(ref.study_dir) / "runs" / f"trial-{trial.number:05d}"
-
-
-def base_config(ref: StudyRef, settings_base: dict[str, Any]) -> TrainConfig:
-    return TrainConfig.from_mapping(settings_base, f"study {ref.name} settings")
-
-
-def _replay_finished_epochs(trial: optuna.Trial, run_dir: Path, metric: str) -> None:
-    """A resumed run continues after its last checkpoint: give the (new) trial the epochs it
-    already has, so that its curve is whole and the pruner judges it on all of them."""
-    epochs_csv = run_dir / "epochs.csv"
-    if not epochs_csv.exists():
-        return
-    reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
-    with open(epochs_csv, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if int(row["epoch"]) not in reported:
-                trial.report(float(row[metric]), step=int(row["epoch"]))
+    def folder(self) -> StudyFolder:
+        return StudyFolder(Path(self.study_dir))
 
 
 def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metric: str, base: TrainConfig) -> float:
     params = space.suggest(trial)
-    retry_dir = trial.user_attrs.get("run_dir")
-    run_dir = Path(retry_dir) if retry_dir else trial_run_dir(ref, trial)
-    trial.set_user_attr("run_dir", str(run_dir))
+    retry_dir = trial.user_attrs.get(RUN_DIR_ATTR)
+    run_dir = Path(retry_dir) if retry_dir else ref.folder.trial_run(trial.number)
+    trial.set_user_attr(RUN_DIR_ATTR, str(run_dir))
     config = TrainConfig.from_mapping(params, f"space {space.name}", base=base).replace(
         run_dir=str(run_dir), study=ref.name, trial=trial.number, resume=bool(retry_dir), progress=False,
-        registry=str(Path(ref.study_dir).parent / "run_registry.csv"), select_metric=metric)
+        registry=str(ref.folder.registry), select_metric=metric)
     try:
         config.validate()
     except UserError as exc:
         trial.set_user_attr("rejected", str(exc))
         raise optuna.TrialPruned(str(exc)) from None
-    if retry_dir:
-        _replay_finished_epochs(trial, run_dir, metric)
 
     def report(epoch: EpochReport) -> bool:
         trial.report(epoch.metrics[metric], step=epoch.epoch)
@@ -108,7 +84,7 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metric: st
     trial.set_user_attr("seconds", round(result.seconds, 2))
     for key, value in {**result.best_metrics, **{f"weights_{k}": v for k, v in result.weight_stats.items()}}.items():
         trial.set_user_attr(key, value if math.isfinite(value) else None)
-    _attach_artifacts(trial, ref, run_dir)
+    _attach_artifacts(trial, ref, RunFolder(run_dir))
     if result.status == "stopped":
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_done}")
     if result.status == "diverged":
@@ -117,79 +93,55 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metric: st
     return result.best_value
 
 
-def _attach_artifacts(trial: optuna.Trial, ref: StudyRef, run_dir: Path) -> None:
+def _attach_artifacts(trial: optuna.Trial, ref: StudyRef, run: RunFolder) -> None:
     """training.csv and a dynamics plot, shown by optuna-dashboard --artifact-dir."""
-    from analysis.dynamics import plot_run
+    from clipse.report.dynamics import plot_run
 
-    store_dir = ref.artifact_dir
+    store_dir = ref.folder.artifacts
     store_dir.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(store_dir))
-    plot = run_dir / "dynamics.png"
-    plot_run(run_dir, plot)
-    for path in (run_dir / "training.csv", plot):
+    plot_run(run.path, run.dynamics_png)
+    for path in (run.training_csv, run.dynamics_png):
         if path.exists():
             upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
-
-
-def _own_previous_trial(study: optuna.Study, session: str) -> optuna.trial.FrozenTrial | None:
-    """A SLURM job that was requeued runs again from the start: the trial it already took,
-    if any (the latest one its job id owns)."""
-    job = owner_record(session)["slurm_job"]
-    if not job:
-        return None
-    owned = [t for t in study.get_trials(deepcopy=False)
-             if (t.system_attrs.get(OWNER_ATTR) or {}).get("slurm_job") == job]
-    return owned[-1] if owned else None
 
 
 def _outcome(frozen: optuna.trial.FrozenTrial) -> TrialOutcome:
     return TrialOutcome(frozen.number, frozen.state.name, value=frozen.value, error=frozen.user_attrs.get("error"))
 
 
-def _slurm_user_attrs() -> dict[str, Any]:
-    if "SLURM_JOB_ID" not in os.environ:
-        return {}
-    attrs = {"slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"]),
-             "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"), "slurm_node": os.environ.get("SLURMD_NODENAME")}
-    try:
-        import submitit
-
-        paths = submitit.JobEnvironment().paths
-        attrs.update(slurm_stdout=str(paths.stdout), slurm_stderr=str(paths.stderr))
-    except Exception:  # not a submitit job: the ids are enough
-        pass
-    return {k: v for k, v in attrs.items() if v is not None}
-
-
-def run_trial_task(ref: StudyRef, max_retries: int = 2) -> TrialOutcome:
+def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
     """Take one trial of the study, train it, report it. Exceptions inside the trial become a
     FAIL with the error text in the trial's user attrs; Ctrl-C fails it as retryable and
     re-raises, so that a resumed search runs it again from its checkpoint."""
+    environment = worker_environment()
     study = load_study(ref.name, ref.storage)
     settings = stored_settings(study)
     space = SearchSpace.from_dict(settings.space_definition)
-    base = base_config(ref, settings.base)
-    previous = _own_previous_trial(study, ref.session)
+    base = settings.base_config()
+    trials = study.get_trials(deepcopy=False)
+    mine = [t for t in trials if environment.was(t.user_attrs.get(OWNER_ATTR) or {})]
+    previous = mine[-1] if mine else None
     if previous is not None and previous.state == TrialState.RUNNING:
-        trial = optuna.Trial(study, previous._trial_id)
-    elif previous is not None and not previous.system_attrs.get(RETRIED_ATTR):
-        return _outcome(previous)  # requeued after its trial had finished: nothing more to do
+        trial = take_back(study, previous)  # restarted by the backend: continue the same trial
+    elif previous is not None and previous.number not in retried_numbers(trials):
+        return _outcome(previous)  # restarted after its trial had finished: nothing more to do
     else:
         counts = count_trials(study)
         if ref.total is not None and not counts.waiting and counts.finished + counts.running >= ref.total:
             return TrialOutcome(-1, "SKIPPED")
         trial = study.ask()
-    study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner_record(ref.session))
-    for key, value in {**ref.extra_user_attrs, **_slurm_user_attrs()}.items():
+    trial.set_user_attr(OWNER_ATTR, {**environment.identity(), "session": ref.session})
+    for key, value in environment.public_attrs().items():
         trial.set_user_attr(key, value)
-    with Heartbeat(study, trial._trial_id, ref.heartbeat_s):
+    with Heartbeat(trial, ref.heartbeat_s):
         try:
             value = objective(trial, ref, space, settings.metric, base)
         except optuna.TrialPruned as pruned:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialOutcome(trial.number, "PRUNED", error=str(pruned) or None)
         except KeyboardInterrupt:
-            frozen = study._storage.get_trial(trial._trial_id)
+            frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
             retry_lost_trial(study, frozen, "interrupted (Ctrl-C)", max_retries)
             raise
         except Exception as exc:

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import subprocess
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import open_clip
 import torch
 
 from clipse import __version__
+from clipse.config import TrainConfig
 from clipse.metrics import METRIC_KEYS
 from clipse.paths import PROJECT_ROOT
+from clipse.run_folder import RESUME_FREE_KEYS, TrainResult
 
 REGISTRY_COLUMNS = (
     ["run_id", "study", "trial", "status", "loss", "params", "epochs_done", "best_epoch"]
@@ -66,3 +69,15 @@ def append_row(path: Path, row: dict) -> None:
             os.fsync(handle.fileno())
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def registry_row(config: TrainConfig, result: TrainResult) -> dict:
+    params = {k: v for k, v in config.to_mapping().items() if k not in RESUME_FREE_KEYS}
+    return {
+        "run_id": result.run_id, "study": config.study, "trial": config.trial, "status": result.status,
+        "loss": config.loss, "params": json.dumps(params, sort_keys=True), "epochs_done": result.epochs_done,
+        "best_epoch": result.best_epoch, **result.best_metrics, **(result.test_metrics or {}),
+        "duration_s": round(result.seconds, 2), "host": host(), "versions": versions(),
+        "git_commit": git_commit(), "run_dir": result.run_dir,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

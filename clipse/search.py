@@ -1,6 +1,8 @@
-"""Hyperparameter search (SPEC §6):
+"""Hyperparameter search of a space with Optuna:
 
     python -m clipse.search --space bandpass --trials 50
+
+or from Python, ``run_search(SearchOptions(space="bandpass", trials=50))``.
 
 ``--trials N`` is the study's total: running the same command again after a crash or Ctrl-C
 finishes the remaining trials and repeats no finished one. The study's settings (space,
@@ -8,7 +10,7 @@ metric, sampler, seed, pruner, training settings given here) are stored with it 
 created and reused on resume; giving a different value for one of them is an error.
 
 The coordinator (this process) hands one task per trial to an executor and watches the
-storage: it shows progress, sweeps trials whose worker died (failing them and queueing a retry
+storage: it shows progress, sweeps trials whose worker died (failing them and adding a retry
 with the same parameters that resumes from the dead trial's checkpoint) and replaces lost work.
 """
 
@@ -18,70 +20,96 @@ import argparse
 import os
 import platform
 import shlex
-import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from clipse.config import SELECT_METRICS, add_config_arguments, config_overrides, TrainConfig
+from clipse.config import DATA_KEYS, MODEL_KEYS, SELECT_METRICS, TrainConfig, add_config_arguments, config_overrides
 from clipse.errors import UserError, cli_main, configure_logging
-from clipse.executors import Executor, Task, add_executor_arguments, executor_from_args
+from clipse.executors import BACKENDS, Executor, ExecutorOptions, Task, executor_from_options
+from clipse.fields import add_arguments, from_arguments, setting
 from clipse.objective import StudyRef, TrialOutcome, run_trial_task
+from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.progress import ProgressLine
-from clipse.spaces import available_spaces, load_space
-from clipse.study import (DEFAULT_GRACE_S, PRUNERS, SLURM_GRACE_S, SAMPLERS, StudySettings, count_trials, create_or_load,
-                          open_storage, stored_settings, storage_url, study_names, sweep_lost_trials)
+from clipse.spaces import SearchSpace, available_spaces, load_space
+from clipse.study import (PRUNERS, SAMPLERS, StudySettings, TrialCounts, count_trials, create_or_load,
+                          default_of_setting, open_storage, secure_storage, stored_settings, study_names,
+                          sweep_lost_trials, sweep_session)
 from clipse.tables import markdown_table
+from clipse.workload import Workload, run_workload
 
 # Training settings a search may fix for all its trials (the space chooses the rest).
-BASE_FLAGS = ["epochs", "data", "data_root", "image_root", "data_seed", "shapes_train_images", "shapes_val_images",
-              "shapes_test_images", "model", "pretrained", "lock_image", "lock_text", "batch_size", "device"]
-STUDY_FLAGS = {"metric": "val_r1_mean", "sampler": "tpe", "startup_trials": 10, "pruner": "median"}
-POLL_S = 2.0
+TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device")
+# Settings stored with a study that a resumed search may only repeat, not change.
+STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed")
 MAX_TASK_ERRORS = 3
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clipse.search", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"spaces: {', '.join(available_spaces())}")
-    parser.add_argument("--space", required=True, help="search space name (search_spaces/NAME.yaml) or a YAML path")
-    parser.add_argument("--trials", required=True, type=int, help="total trials of the study (finished ones count)")
-    parser.add_argument("--study", help="study name (default: the space's name)")
-    parser.add_argument("--storage", help="Optuna RDB URL, or a journal file path (default: "
-                        "studies/<study>/journal.log)")
-    parser.add_argument("--studies-dir", default="studies", type=Path, help="where study folders live")
-    add_executor_arguments(parser, "trial")
-    parser.add_argument("--seed", type=int, help="seed of the sampler and of every trial's training (default 0)")
-    parser.add_argument("--metric", choices=SELECT_METRICS, help="objective (default val_r1_mean)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="tpe (default; multivariate, constant liar) or random")
-    parser.add_argument("--startup-trials", type=int, help="random trials before TPE models the space (default 10)")
-    parser.add_argument("--pruner", choices=PRUNERS, help="stops poor trials early from their per-epoch curve "
-                        "(default median)")
-    parser.add_argument("--heartbeat-grace", type=float,
-                        help=f"seconds without a heartbeat before a running trial counts as lost (default "
-                             f"{DEFAULT_GRACE_S:.0f}; {SLURM_GRACE_S:.0f} with SLURM, whose requeued jobs wait "
-                             "minutes to restart; jobs that ended are noticed from sacct at once)")
-    parser.add_argument("--max-retries", type=int, default=2, help="retries of a trial whose worker died")
-    add_config_arguments(parser.add_argument_group("training settings fixed for every trial"), only=BASE_FLAGS)
-    return parser
+@dataclass
+class SearchOptions:
+    """Everything ``clipse.search`` takes; every field but ``training`` is a flag. Study
+    settings left at None take the stored study's value, or for a new study the default."""
+
+    space: str = setting(help="search space name (search_spaces/NAME.yaml) or a YAML path")
+    trials: int = setting(help="total trials of the study (finished ones count)")
+    study: str | None = setting(None, "study name", shown_default="the space's name")
+    storage: str | None = setting(None, "Optuna RDB URL, or a journal file path",
+                                  shown_default="studies/<study>/journal.log")
+    studies_dir: Path = setting(DEFAULT_STUDIES_DIR, "where study folders live")
+    seed: int | None = setting(None, "seed of the sampler and of every trial's training",
+                               shown_default=default_of_setting("seed"))
+    metric: str | None = setting(None, "objective (the best epoch's value)", choices=SELECT_METRICS,
+                                 shown_default=default_of_setting("metric"))
+    sampler: str | None = setting(None, "tpe (multivariate, constant liar) or random", choices=SAMPLERS,
+                                  shown_default=default_of_setting("sampler"))
+    startup_trials: int | None = setting(None, "random trials before TPE models the space",
+                                         shown_default=default_of_setting("startup_trials"))
+    pruner: str | None = setting(None, "stops poor trials early from their per-epoch curve", choices=PRUNERS,
+                                 shown_default=default_of_setting("pruner"))
+    heartbeat_grace: float | None = setting(
+        None, "seconds without a heartbeat before a running trial counts as lost (workers known to have ended "
+        "are noticed at once)", shown_default=", ".join(f"{name} {backend.heartbeat_grace_s:.0f}"
+                                                        for name, backend in BACKENDS.items()))
+    execution: ExecutorOptions = setting(default_factory=ExecutorOptions, nested=True)
+    # training settings fixed for every trial (keys as in YAML files: epochs, data_root, ...)
+    training: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_settings(args: argparse.Namespace, existing: StudySettings | None, space) -> StudySettings:
-    """The new study's settings, or the existing study's after checking the flags agree."""
-    given = {key: getattr(args, key) for key in ("metric", "sampler", "startup_trials", "pruner", "seed")
-             if getattr(args, key) is not None}
-    base = config_overrides(args)
-    TrainConfig.from_mapping(base, "command line").validate()  # fail before anything is created
+@dataclass
+class SearchResult:
+    study: str
+    storage: str                 # as optuna-dashboard opens it (never with a password)
+    study_dir: Path
+    counts: TrialCounts
+    top: list[dict[str, Any]]    # the best completed trials, best first: trial, value, epochs, w_std, params
+    interrupted: bool = False
+    left_running: bool = False   # interrupted with --detach: the jobs (and their trials) run on
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.top[0] if self.top else None
+
+    @property
+    def dashboard_command(self) -> str:
+        artifacts = StudyFolder(self.study_dir).artifacts
+        return f"optuna-dashboard {shlex.quote(self.storage)} --artifact-dir {shlex.quote(str(artifacts))}"
+
+
+def resolve_settings(options: SearchOptions, existing: StudySettings | None, space: SearchSpace,
+                     name: str) -> StudySettings:
+    """The new study's settings, or the existing study's after checking the options agree."""
+    given = {key: getattr(options, key) for key in STUDY_KEYS if getattr(options, key) is not None}
+    base = dict(options.training)
+    TrainConfig.from_mapping(base, "training settings").validate()  # fail before anything is created
     if existing is None:
-        seed = given.pop("seed", 0)
-        settings = StudySettings(space=space.name, space_digest=space.digest, space_definition=space.to_dict(),
-                                 seed=seed, base={**base, "seed": seed}, **{**STUDY_FLAGS, **given})
-        return settings
+        seed = given.pop("seed", default_of_setting("seed"))
+        return StudySettings(space=space.name, space_digest=space.digest, space_definition=space.to_dict(),
+                             seed=seed, base={**base, "seed": seed}, **given)
     stored = asdict(existing)
     conflicts = [f"--{k.replace('_', '-')} {v} (study has {stored[k]})" for k, v in given.items() if stored[k] != v]
     conflicts += [f"--{k.replace('_', '-')} {v} (study has {existing.base.get(k, 'the default')})"
@@ -91,126 +119,131 @@ def resolve_settings(args: argparse.Namespace, existing: StudySettings | None, s
     elif existing.space_digest != space.digest:
         raise UserError(f"search space {space.path} changed since the study was created; use a new --study")
     if conflicts:
-        raise UserError(f"study '{args.study or space.name}' was created with other settings: {'; '.join(conflicts)}; "
+        raise UserError(f"study '{name}' was created with other settings: {'; '.join(conflicts)}; "
                         "drop those flags or use a new --study")
     return existing
 
 
-def top_trials_table(study: optuna.Study, limit: int = 10) -> str:
-    done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
-                  key=lambda t: t.value, reverse=True)[:limit]
-    if not done:
-        return "(no completed trial)"
-    params = list(dict.fromkeys(k for t in done for k in t.params))
-    rows = [{"trial": t.number, "value": t.value, "epochs": t.user_attrs.get("epochs_done"),
+def top_trials(study: optuna.Study, limit: int = 10) -> list[dict[str, Any]]:
+    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
+                  reverse=True)[:limit]
+    return [{"trial": t.number, "value": t.value, "epochs": t.user_attrs.get("epochs_done"),
              "w_std": t.user_attrs.get("weights_weight_std"), **t.params} for t in done]
-    return markdown_table(rows, ["trial", "value", "epochs", "w_std", *params])
 
 
-def coordinate(study: optuna.Study, ref: StudyRef, executor: Executor, total: int, args, tasks: list[Task]) -> None:
-    """Keep exactly enough tasks out to reach ``total`` trials; replace lost work. ``tasks``
-    collects every task handed out (the caller cancels the unfinished ones on Ctrl-C)."""
-    consecutive_errors = 0
-    allowed_errors = max(MAX_TASK_ERRORS, 2 * args.workers)
-    unchecked: list[Task] = []  # handed out, result not looked at yet
-    while True:
-        sweep_lost_trials(study, grace_s=args.heartbeat_grace, dead_jobs=executor.dead_jobs(),
-                          max_retries=args.max_retries, session=ref.session)
-        counts = count_trials(study, ref.session)
-        outstanding = [t for t in tasks if not t.finished]
-        need = total - counts.finished - counts.running_elsewhere - len(outstanding)
-        if counts.finished >= total and not outstanding and not unchecked:
+class TrialWorkload(Workload):
+    """Keep exactly enough trial tasks out to reach the study's total; replace lost work."""
+
+    def __init__(self, study: optuna.Study, ref: StudyRef, execution: ExecutorOptions, grace_s: float):
+        self.study, self.ref, self.execution, self.grace_s = study, ref, execution, grace_s
+        self.counts = TrialCounts()
+        self.errors_in_a_row = 0
+        self.allowed_errors = max(MAX_TASK_ERRORS, 2 * execution.workers)
+
+    def sweep(self, executor: Executor) -> None:
+        sweep_lost_trials(self.study, grace_s=self.grace_s, worker_gone=executor.worker_gone,
+                          max_retries=self.execution.max_retries)
+        self.counts = count_trials(self.study, self.ref.session)
+
+    def wanted(self, room: int, outstanding: int) -> list[Task]:
+        need = self.ref.total - self.counts.finished - self.counts.running_elsewhere - outstanding
+        return [Task(run_trial_task, (self.ref, self.execution.max_retries), resources=self.execution.resources)
+                for _ in range(min(need, room))]
+
+    def finished(self, task: Task) -> None:
+        if task.user_error:
+            raise UserError(task.error)
+        if isinstance(task.result, TrialOutcome):
+            self.errors_in_a_row = 0
             return
-        room = min(need, executor.capacity - len(outstanding))
-        if room > 0:
-            submitted = executor.submit(run_trial_task, [(ref, args.max_retries)] * room)
-            tasks += submitted
-            unchecked += submitted
-            outstanding = [t for t in tasks if not t.finished]
-        if outstanding:
-            executor.wait(outstanding, POLL_S)
-        elif need <= 0 and not unchecked:
-            time.sleep(POLL_S)  # only trials of another session are running: watch them
-        for task in [t for t in unchecked if t.finished]:
-            unchecked.remove(task)
-            if task.user_error:
-                raise UserError(task.error)
-            if isinstance(task.result, TrialOutcome):
-                consecutive_errors = 0
-                continue
-            consecutive_errors += 1  # lost work counts too: a job that cannot even report is a problem
-            print(f"\nworker {task.state}: {task.error}", file=sys.stderr)
-            if consecutive_errors >= allowed_errors:
-                raise UserError(f"workers cannot run trials ({consecutive_errors} failures in a row): {task.error}")
+        self.errors_in_a_row += 1  # lost work counts too: a job that cannot even report is a problem
+        print(f"\nworker {task.state}: {task.error}", file=sys.stderr)
+        if self.errors_in_a_row >= self.allowed_errors:
+            raise UserError(f"workers cannot run trials ({self.errors_in_a_row} failures in a row): {task.error}")
 
+    def complete(self) -> bool:
+        return count_trials(self.study).finished >= self.ref.total
 
-def shutdown_after_interrupt(study: optuna.Study, ref: StudyRef, executor: Executor, tasks: list[Task]) -> bool:
-    """Stop this session's work and leave none of its trials RUNNING (they are failed and
-    queued again, so the next run resumes them from their checkpoints). Returns False when the
-    work was detached: its jobs run on and keep their trials alive with heartbeats."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish cleaning up on a second Ctrl-C
-    try:
-        stopped = executor.cancel([t for t in tasks if not t.finished])
+    def stopped(self, stopped: bool) -> None:
+        """Leave none of this session's trials RUNNING: they are failed and queued again, so
+        the next run resumes them from their checkpoints (unless the work runs on detached)."""
         if stopped:
-            sweep_lost_trials(study, session=ref.session, everything_of_session=True)
-        return stopped
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            sweep_session(self.study, self.ref.session, "its worker was stopped (interrupted or cancelled)",
+                          self.execution.max_retries)
+
+
+def run_search(options: SearchOptions) -> SearchResult:
+    """Create or resume the study and run it to its total (see the module docstring). Progress
+    goes to stderr. Ctrl-C stops the work and returns a result with ``interrupted`` set."""
+    if options.trials < 1:
+        raise UserError("--trials must be at least 1")
+    space = load_space(options.space)
+    name = options.study or space.name
+    folder = StudyFolder.of(options.studies_dir, name)
+    storage = secure_storage(options.storage or str(folder.journal))
+    folder.path.mkdir(parents=True, exist_ok=True)
+    backend = open_storage(storage)
+    existing = None
+    if name in study_names(backend):
+        existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
+    settings = resolve_settings(options, existing, space, name)
+    executor = executor_from_options(options.execution, folder.slurm, job_name=name)
+    if executor.multi_node and storage.startswith("sqlite"):
+        raise UserError(f"storage {storage}: SQLite is not safe for {executor.name} jobs on several nodes; use "
+                        "--storage postgresql://... or a journal file on a shared filesystem (the default)")
+    study = create_or_load(name, backend, settings)
+    ref = StudyRef(name=name, storage=storage, study_dir=str(folder.path),
+                   session=f"{platform.node()}-{os.getpid()}-{int(time.time())}", total=options.trials)
+    counts = count_trials(study)
+    workers = f" x{options.execution.workers}" if options.execution.backend != "inline" else ""
+    print(f"study '{name}' ({'resumed, ' + str(counts.finished) + ' trials finished' if existing else 'new'}) "
+          f"in {storage}\nspace {space.name}: {', '.join(space.params)} | objective {settings.metric} (best epoch) | "
+          f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | executor "
+          f"{options.execution.backend}{workers}", file=sys.stderr)
+    workload = TrialWorkload(study, ref, options.execution, options.heartbeat_grace or executor.heartbeat_grace_s)
+    with ProgressLine(name, options.trials, lambda: count_trials(study)):
+        end = run_workload(executor, workload)
+    return SearchResult(study=name, storage=storage, study_dir=folder.path, counts=count_trials(study),
+                        top=top_trials(study), interrupted=end.interrupted, left_running=end.detached)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clipse.search", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"spaces: {', '.join(available_spaces())}")
+    add_arguments(parser, SearchOptions)
+    add_config_arguments(parser.add_argument_group("training settings fixed for every trial"), only=TRAINING_KEYS)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> SearchOptions:
+    return from_arguments(SearchOptions, args, training=config_overrides(args))
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
     configure_logging()
-    if args.trials < 1:
-        raise UserError("--trials must be at least 1")
-    space = load_space(args.space)
-    name = args.study or space.name
-    study_dir = (args.studies_dir / name).absolute()  # absolute: SLURM jobs may start elsewhere
-    storage = storage_url(study_dir, args.storage)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    backend = open_storage(storage)
-    existing = None
-    if name in study_names(backend):
-        existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
-    settings = resolve_settings(args, existing, space)
-    if (args.executor == "slurm") and storage.startswith("sqlite"):
-        raise UserError(f"storage {storage}: SQLite is not safe for SLURM jobs on several nodes; use "
-                        "--storage postgresql://... or a journal file on a shared filesystem (the default)")
-    executor = executor_from_args(args, study_dir / "slurm", job_name=name)
-    if args.heartbeat_grace is None:
-        args.heartbeat_grace = SLURM_GRACE_S if executor.name == "slurm" else DEFAULT_GRACE_S
-    study = create_or_load(name, backend, settings, int(settings.base.get("epochs", TrainConfig().epochs)))
-    session = f"{platform.node()}-{os.getpid()}-{int(time.time())}"
-    ref = StudyRef(name=name, storage=storage, study_dir=str(study_dir), session=session, total=args.trials)
-    counts = count_trials(study)
-    print(f"study '{name}' ({'resumed, ' + str(counts.finished) + ' trials finished' if existing else 'new'}) "
-          f"in {storage}\nspace {space.name}: {', '.join(space.params)} | objective {settings.metric} (best epoch) | "
-          f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | executor {executor.name}"
-          + (f" x{args.workers}" if executor.name != "inline" else ""), file=sys.stderr)
-    interrupted, stopped, tasks = False, True, []
-    with ProgressLine(name, args.trials, lambda: count_trials(study)):
-        try:
-            coordinate(study, ref, executor, args.trials, args, tasks)
-        except KeyboardInterrupt:
-            interrupted = True
-            stopped = shutdown_after_interrupt(study, ref, executor, tasks)
-        except BaseException:
-            shutdown_after_interrupt(study, ref, executor, tasks)  # leave no job or trial behind
-            raise
-        finally:
-            if not interrupted:
-                executor.close()
-    counts = count_trials(study)
-    print(f"\ntop trials of '{name}' ({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed):")
-    print(top_trials_table(study))
-    print(f"\nstudy folder: {study_dir}")
-    print(f"watch it:     optuna-dashboard {shlex.quote(storage)} --artifact-dir {shlex.quote(str(study_dir / 'artifacts'))}")
-    if interrupted:
-        state = "none left running" if stopped else f"{counts.running} left running in detached jobs"
-        print(f"\ninterrupted: {counts.finished}/{args.trials} trials finished, {state}. Resume (or watch) with:\n"
-              f"  python -m clipse.search {' '.join(shlex.quote(a) for a in argv)}", file=sys.stderr)
+    options = options_from_args(build_parser().parse_args(argv))
+    result = run_search(options)
+    counts = result.counts
+    print(f"\ntop trials of '{result.study}' ({counts.complete} complete, {counts.pruned} pruned, "
+          f"{counts.failed} failed):")
+    params = list(dict.fromkeys(k for row in result.top for k in row if k not in ("trial", "value", "epochs",
+                                                                                   "w_std")))
+    print(markdown_table(result.top, ["trial", "value", "epochs", "w_std", *params]) if result.top
+          else "(no completed trial)")
+    print(f"\nstudy folder: {result.study_dir}")
+    print(f"watch it:     {result.dashboard_command}")
+    if result.interrupted:
+        state = f"{counts.running} left running in detached jobs" if result.left_running else "none left running"
+        shown = [a.replace(options.storage, result.storage) if options.storage else a for a in argv]
+        print(f"\ninterrupted: {counts.finished}/{options.trials} trials finished, {state}. Resume (or watch) with:\n"
+              f"  python -m clipse.search {' '.join(shlex.quote(a) for a in shown)}", file=sys.stderr)
         return 130
     if counts.complete == 0:
         print("no trial completed", file=sys.stderr)

@@ -1,6 +1,6 @@
-"""Search spaces: ``search_spaces/<name>.yaml``, validated on load (SPEC §6).
+"""Search spaces: ``search_spaces/<name>.yaml``, validated on load.
 
-A space file maps onto ``TrainConfig`` keys::
+A space file maps onto training-setting keys (``TrainConfig`` fields and loss parameters)::
 
     description: one line shown by --help
     extends: _shared            # optional: another file in the same folder (params and fixed merge)
@@ -26,8 +26,9 @@ from typing import Any
 
 import optuna
 
-from clipse.config import FIELD_BY_KEY, coerce_value, read_yaml_mapping, unknown_key_message
+from clipse.config import coerce_value, read_yaml_mapping, setting_fields, unknown_key_message
 from clipse.errors import UserError
+from clipse.fields import kind_of
 from clipse.paths import PROJECT_ROOT
 
 SPACES_DIR = PROJECT_ROOT / "search_spaces"
@@ -109,7 +110,7 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
     extra = set(spec) - PARAM_KEYS[kind]
     if extra:
         raise UserError(f"{where}: unknown field '{sorted(extra)[0]}' for a {kind} parameter")
-    field_type = str(FIELD_BY_KEY[key].type).replace(" | None", "")
+    field_type = kind_of(setting_fields()[key])
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -177,9 +178,10 @@ def load_space(name_or_path: str, folder: Path = SPACES_DIR) -> SearchSpace:
         raise UserError(f"{path}: search space file not found")
     description, fixed_raw, params_raw = _read_layer(path, ())
     fixed = {}
+    known = setting_fields()
     for section, keys in (("fixed", fixed_raw), ("params", params_raw)):
         for key in keys:
-            if key not in FIELD_BY_KEY:
+            if key not in known:
                 raise UserError(unknown_key_message(key, f"{path}: {section}"))
     for key, value in fixed_raw.items():
         fixed[key] = coerce_value(key, value, f"{path}: fixed.{key}")

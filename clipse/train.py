@@ -1,50 +1,39 @@
-"""The trainer (SPEC §5): ``train(config, callbacks) -> TrainResult``, a plain function of a typed
-config. It knows nothing of Optuna or SLURM; callbacks see every epoch's validation metrics and
-may stop the run by returning True (that is how the search prunes).
+"""The trainer: ``train(config, callbacks) -> TrainResult``, a plain function of a typed config.
+It knows nothing of Optuna or SLURM; callbacks see every epoch's validation metrics and may stop
+the run by returning True (that is how the search prunes). Nor does it know any loss's
+parameters: it asks the config for the loss and ramps the loss's strength during a warm-up.
 
-A run folder holds ``config.yaml``, ``training.csv`` (per logged step), ``epochs.csv`` (per
-epoch), ``last.pt`` and ``best.pt`` checkpoints and ``result.json``; a finished run also appends
-one row to the registry. Checkpoints are written at the end of every epoch; ``resume`` continues
-from the last one and, on the CPU, ends with exactly the metrics of an uninterrupted run.
+The run folder (``clipse.run_folder``) gets its files as the run goes; checkpoints are written
+at the end of every epoch, and ``resume`` continues from the last one and, on the CPU, ends with
+exactly the metrics of an uninterrupted run. A finished run appends one row to the registry.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import json
 import logging
 import math
-import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from clipse import registry
 from clipse.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors
-from clipse.config import (TrainConfig, add_config_arguments, config_overrides, load_config_file, save_config)
+from clipse.config import TrainConfig, add_config_arguments, config_overrides, load_config_file
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.evaluation import ImageNormalizer, evaluate_split
-from clipse.losses import LOSSES, MAX_LOGIT_SCALE, clamp_scale
+from clipse.losses import MAX_LOGIT_SCALE, STRENGTH_COLUMN, clamp_scale
 from clipse.metrics import METRIC_KEYS
 from clipse.models import list_models
+from clipse.run_folder import RunFolder, TrainResult, default_run_dir
 from clipse.samplers import TopicalBatchSampler, random_batches
 
 log = logging.getLogger(__name__)
-
-DEFAULT_RUNS_DIR = Path("studies") / "adhoc" / "runs"
-# Settings that may change when a run is resumed: they do not change what is computed.
-RESUME_FREE_KEYS = {"resume", "progress", "threads", "device", "registry", "run_dir", "study", "trial",
-                    "eval_test", "log_every"}
 
 
 @dataclass
@@ -53,77 +42,12 @@ class EpochReport:
 
     epoch: int                       # 1-based
     epochs: int
-    metrics: dict[str, float]        # train_loss, val_<metric> for every SPEC §2 metric, seconds
+    metrics: dict[str, float]        # train_loss, val_<metric> for every retrieval metric, seconds
     weight_stats: dict[str, float]   # epoch means of the SANW weight statistics
     run_dir: Path
 
 
 Callback = Callable[[EpochReport], "bool | None"]
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    run_dir: str
-    status: str                              # completed | stopped | diverged
-    epochs_done: int
-    best_epoch: int
-    best_value: float                        # of config.select_metric; -inf before any epoch
-    best_metrics: dict[str, float]           # validation metrics of the best epoch
-    last_metrics: dict[str, float]
-    weight_stats: dict[str, float]           # last epoch's means
-    test_metrics: dict[str, float] | None = None
-    diverged_step: int | None = None
-    seconds: float = 0.0
-
-    def save(self, path: Path) -> None:
-        _atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True))
-
-    @classmethod
-    def load(cls, path: Path) -> "TrainResult":
-        return cls(**json.loads(path.read_text()))
-
-
-# ----------------------------------------------------------------------------------------------
-# small file helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _append_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
-def _truncate_csv(path: Path, column: str, keep_up_to: int) -> None:
-    """Drop rows written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        rows = [row for row in reader if int(row[column]) <= keep_up_to]
-    with open(path.with_name(path.name + ".tmp"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path.with_name(path.name + ".tmp"), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +63,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
         (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
-    try:  # the fused kernel is about twice as fast on the CPU for the tiny models
+    try:  # the fused kernel is faster on the CPU for the tiny models
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **kwargs)
@@ -153,48 +77,11 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
 
 
-def loss_function(config: TrainConfig) -> Callable:
-    """``f(image_emb, text_emb, scale, alpha) -> (loss, stats)`` for the configured loss."""
-    fn = LOSSES[config.loss]
-    if config.loss == "sanw_debias":
-        return lambda u, v, s, alpha: fn(u, v, s, alpha=alpha, delta=config.delta, lam=config.lam, rho=config.rho)
-    if config.loss == "sanw_bandpass":
-        return lambda u, v, s, alpha: fn(u, v, s, alpha=alpha, m1=config.m1, m2=config.m2, gamma=config.gamma,
-                                         rho=config.rho)
-    return lambda u, v, s, alpha: fn(u, v, s)
-
-
-def effective_alpha(config: TrainConfig, epoch_progress: float) -> float:
-    """Strength warm-up: alpha ramps linearly from 0 over the first ``alpha_warmup_epochs``
-    (0 for InfoNCE, which has no strength)."""
-    if config.loss == "infonce":
-        return 0.0
+def warmup_fraction(config: TrainConfig, epoch_progress: float) -> float:
+    """How far the strength warm-up is (1 = full strength) after ``epoch_progress`` epochs."""
     if config.alpha_warmup_epochs <= 0:
-        return config.alpha
-    return config.alpha * min(1.0, epoch_progress / config.alpha_warmup_epochs)
-
-
-# ----------------------------------------------------------------------------------------------
-# the run folder
-
-
-def default_run_dir() -> Path:
-    return DEFAULT_RUNS_DIR / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def run_id_for(config: TrainConfig, run_dir: Path) -> str:
-    return f"{config.study}/{run_dir.name}" if config.study else run_dir.name
-
-
-def config_differences(config: TrainConfig, run_dir: Path) -> list[str]:
-    """Settings that differ from the run folder's saved config (ignoring the resume-free ones)."""
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.exists():
-        return []
-    saved = load_config_file(saved_file).to_mapping()
-    current = config.to_mapping()
-    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current
-            if k not in RESUME_FREE_KEYS and saved.get(k) != current[k]]
+        return 1.0
+    return min(1.0, epoch_progress / config.alpha_warmup_epochs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,21 +92,10 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
     config.validate()
     callbacks = list(callbacks)
     started = time.perf_counter()
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir()
-    run_id = run_id_for(config, run_dir)
-    last_path, best_path, result_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "result.json"
-    if not config.resume and (last_path.exists() or result_path.exists()):
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --run-dir")
-    if config.resume:
-        changed = config_differences(config, run_dir)
-        if changed:
-            raise UserError(f"{run_dir}: cannot resume with a different configuration ({'; '.join(changed)})")
-        if result_path.exists():
-            finished = TrainResult.load(result_path)
-            if finished.status in ("completed", "diverged"):
-                return finished
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    folder = RunFolder(config.run_dir or default_run_dir())
+    finished = folder.start(config)
+    if finished is not None:
+        return finished
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -247,22 +123,21 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    compute_loss = loss_function(config)
+    loss_function = config.loss_function()
     select_key = config.select_metric
 
     start_epoch, global_step, prior_seconds = 0, 0, 0.0
     best_value, best_epoch, best_metrics, last_metrics, weight_means = -math.inf, 0, {}, {}, {}
-    if config.resume and last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=False)
+    state = folder.load_last(device) if config.resume else None
+    if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, global_step, prior_seconds = state["epoch"], state["global_step"], state["seconds"]
         best_value, best_epoch, best_metrics = state["best_value"], state["best_epoch"], state["best_metrics"]
         last_metrics, weight_means = state["last_metrics"], state["weight_stats"]
-        log.info("%s: resuming after epoch %d (step %d)", run_dir, start_epoch, global_step)
-    _truncate_csv(run_dir / "training.csv", "step", global_step)
-    _truncate_csv(run_dir / "epochs.csv", "epoch", start_epoch)
+        log.info("%s: resuming after epoch %d (step %d)", folder.path, start_epoch, global_step)
+    folder.rewind(start_epoch, global_step)
 
     status, diverged_step, epochs_done = "completed", None, start_epoch
     model.train()
@@ -277,7 +152,7 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
             lr = learning_rate(global_step, total_steps, warmup_steps, config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            alpha = effective_alpha(config, epoch + (index + 1) / len(batches))
+            step_loss = loss_function.ramped(warmup_fraction(config, epoch + (index + 1) / len(batches)))
             pairs = torch.from_numpy(batch)
             images = normalize(train_data.images[train_data.caption_image[pairs]])
             tokens = train_data.tokens[pairs].to(device, non_blocking=True)
@@ -285,7 +160,7 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
                 image_emb = model.encode_image(images, normalize=True)
                 text_emb = model.encode_text(tokens, normalize=True)
                 scale = model.logit_scale.exp()
-                loss, stats = compute_loss(image_emb.float(), text_emb.float(), scale.float(), alpha)
+                loss, stats = step_loss(image_emb.float(), text_emb.float(), scale.float())
             global_step += 1
             if not torch.isfinite(loss):
                 status, diverged_step = "diverged", global_step
@@ -312,14 +187,14 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
                 step_rows.append({
                     "epoch": epoch + 1, "step": global_step, "loss": loss_value,
                     "temperature": 1.0 / float(clamp_scale(scale.detach())), "lr": lr,
-                    "grad_norm": float(grad_norm), "samples_per_s": samples_per_s, "alpha": alpha,
-                    **{key: float(value) for key, value in stats.items()},
+                    "grad_norm": float(grad_norm), "samples_per_s": samples_per_s,
+                    STRENGTH_COLUMN: step_loss.strength_value, **{key: float(value) for key, value in stats.items()},
                 })
                 bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
         bar.close()
         if status == "diverged":
-            _append_csv(run_dir / "training.csv", step_rows)
-            log.warning("%s: non-finite loss at step %d; the run stops as diverged", run_dir, diverged_step)
+            folder.append_steps(step_rows)
+            log.warning("%s: non-finite loss at step %d; the run stops as diverged", folder.path, diverged_step)
             break
 
         train_seconds = time.perf_counter() - epoch_started
@@ -329,60 +204,46 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         epoch_row = {"epoch": epoch + 1, "train_loss": loss_sum / len(batches), **last_metrics,
                      "samples_per_s": n_pairs / train_seconds, "seconds": time.perf_counter() - epoch_started,
                      **weight_means}
-        _append_csv(run_dir / "training.csv", step_rows)
-        _append_csv(run_dir / "epochs.csv", [epoch_row])
-        improved = last_metrics[select_key] > best_value
-        if improved:
+        folder.append_steps(step_rows)
+        folder.append_epoch(epoch_row)
+        if last_metrics[select_key] > best_value:
             best_value, best_epoch, best_metrics = last_metrics[select_key], epoch + 1, dict(last_metrics)
-            _atomic_torch_save({"state_dict": model.state_dict(), "epoch": epoch + 1, "metrics": best_metrics,
-                                "config": config.to_mapping()}, best_path)
-        _atomic_torch_save({
+            folder.save_best({"state_dict": model.state_dict(), "epoch": epoch + 1, "metrics": best_metrics,
+                              "config": config.to_mapping()})
+        folder.save_last({
             "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch + 1, "global_step": global_step,
             "seconds": prior_seconds + time.perf_counter() - started,
             "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
             "last_metrics": last_metrics, "weight_stats": weight_means, "config": config.to_mapping(),
-        }, last_path)
+        })
         epochs_done = epoch + 1
         if config.progress:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {epoch_row['train_loss']:.4f}  "
                        f"{select_key} {last_metrics[select_key]:.4f}  (best {best_value:.4f} @ {best_epoch})  "
                        f"{epoch_row['samples_per_s']:.0f} samples/s  {epoch_row['seconds']:.1f} s", file=sys.stderr)
         report = EpochReport(epoch + 1, config.epochs, {k: v for k, v in epoch_row.items() if k != "epoch"},
-                             weight_means, run_dir)
+                             weight_means, folder.path)
         if any([bool(callback(report)) for callback in callbacks]):
             status = "stopped"
             break
 
     test_metrics = None
-    if config.eval_test and status == "completed" and best_path.exists():
+    if config.eval_test and status == "completed" and folder.best_checkpoint.exists():
         test_data = split_tensors(dataset, "test", loaded)
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["state_dict"])
+        model.load_state_dict(folder.load_best_weights(device))
         metrics, ranks = evaluate_split(model, test_data, normalize, autocast)
         test_metrics = {f"test_{key}": value for key, value in metrics.items()}
-        np.savez(run_dir / "test_ranks.npz", **dataclasses.asdict(ranks))
+        folder.save_test_ranks(ranks)
     result = TrainResult(
-        run_id=run_id, run_dir=str(run_dir), status=status, epochs_done=epochs_done, best_epoch=best_epoch,
-        best_value=best_value, best_metrics=best_metrics, last_metrics=last_metrics, weight_stats=weight_means,
-        test_metrics=test_metrics, diverged_step=diverged_step,
+        run_id=folder.run_id(config.study), run_dir=str(folder.path), status=status, epochs_done=epochs_done,
+        best_epoch=best_epoch, best_value=best_value, best_metrics=best_metrics, last_metrics=last_metrics,
+        weight_stats=weight_means, test_metrics=test_metrics, diverged_step=diverged_step,
         seconds=prior_seconds + time.perf_counter() - started,
     )
-    result.save(result_path)
-    registry.append_row(Path(config.registry), registry_row(config, result))
+    folder.save_result(result)
+    registry.append_row(Path(config.registry), registry.registry_row(config, result))
     return result
-
-
-def registry_row(config: TrainConfig, result: TrainResult) -> dict:
-    params = {k: v for k, v in config.to_mapping().items()
-              if k not in RESUME_FREE_KEYS}
-    return {
-        "run_id": result.run_id, "study": config.study, "trial": config.trial, "status": result.status,
-        "loss": config.loss, "params": json.dumps(params, sort_keys=True), "epochs_done": result.epochs_done,
-        "best_epoch": result.best_epoch, **result.best_metrics, **(result.test_metrics or {}),
-        "duration_s": round(result.seconds, 2), "host": registry.host(), "versions": registry.versions(),
-        "git_commit": registry.git_commit(), "run_dir": result.run_dir,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 # ----------------------------------------------------------------------------------------------

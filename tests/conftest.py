@@ -26,7 +26,7 @@ def tiny_config(tmp_path: Path, **changes):
                     batch_size=16, progress=False, data_root=str(tmp_path.parent / f"shapes-{tmp_path.name}"),
                     run_dir=str(tmp_path / "run"), registry=str(tmp_path / "registry.csv"), threads=1)
     settings.update(changes)
-    return TrainConfig(**settings)
+    return TrainConfig.from_mapping(settings, "test settings")
 
 
 @pytest.fixture
@@ -87,9 +87,10 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
+def postgres_server():
     """A throw-away PostgreSQL server (Debian's binaries, run as user postgres: it refuses root),
-    on a free port with trust authentication; stopped at the end."""
+    on a free port; stopped at the end. User postgres connects without a password; every other
+    role must give its password (scram-sha-256). Yields (port, a function running SQL as postgres)."""
     import glob
     import shutil
     import socket
@@ -108,13 +109,39 @@ def postgres_url():
     as_postgres = ["runuser", "-u", "postgres", "--"]
     subprocess.run([*as_postgres, f"{bin_dir}/initdb", "-D", f"{folder}/data", "--auth=trust", "-U", "postgres"],
                    check=True, capture_output=True)
+    Path(f"{folder}/data/pg_hba.conf").write_text(
+        "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
     subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-l", f"{folder}/log", "-w", "-o",
                     f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+
+    def sql(statement: str, database: str = "postgres") -> None:
+        subprocess.run([*as_postgres, f"{bin_dir}/psql", "-h", "127.0.0.1", "-p", str(port), "-d", database,
+                        "-v", "ON_ERROR_STOP=1", "-c", statement], check=True, capture_output=True)
+
     try:
-        subprocess.run([*as_postgres, f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "clipse"],
-                       check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/clipse"
+        yield port, sql
     finally:
         subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-m", "fast", "stop"],
                        capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server):
+    port, sql = postgres_server
+    sql("CREATE DATABASE clipse")
+    return f"postgresql://postgres@127.0.0.1:{port}/clipse"
+
+
+@pytest.fixture
+def postgres_secret(postgres_server, tmp_path):
+    """(URL without the password, password) of a fresh role that must authenticate, owning a
+    fresh database."""
+    import secrets
+
+    port, sql = postgres_server
+    name = f"secret_{secrets.token_hex(4)}"
+    password = f"pw-{secrets.token_hex(12)}"
+    sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+    sql(f"CREATE DATABASE {name} OWNER {name}")
+    return f"postgresql://{name}@127.0.0.1:{port}/{name}", password

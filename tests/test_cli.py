@@ -89,6 +89,7 @@ def test_bad_config_file(tmp_path, text, fragments, capsys):
     assert_one_line_error(in_process(train_main, ["--config", str(tmp_path / "run.yaml")], capsys), *fragments)
 
 
+@pytest.mark.slow
 def test_user_error_exit_status_through_python_m(tmp_path):
     assert_one_line_error(run("clipse.train", "--data", "karpathy", "--data-root", str(tmp_path / "none")),
                           "none: data path not found")
@@ -120,6 +121,7 @@ def _append_many(path, worker):
         append_row(Path(path), {"run_id": f"w{worker}-{i}", "params": '{"a, b": "x\\ny"}', "status": "completed"})
 
 
+@pytest.mark.slow
 def test_registry_survives_concurrent_appends(tmp_path):
     path = tmp_path / "registry.csv"
     context = multiprocessing.get_context("spawn")

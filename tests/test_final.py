@@ -1,5 +1,5 @@
 """The final report on a tiny study created here: every file, numbers that agree with runs.csv,
-real images, reuse on re-run, and clear errors."""
+real images, reuse on re-run, retries of lost runs, and clear errors."""
 
 import subprocess
 import sys
@@ -10,10 +10,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis.summary import load_ranks, paired_bootstrap
+from clipse.report.summary import load_ranks, paired_bootstrap
+from clipse.config import TrainConfig
+from clipse.executors import DONE, LOST, ExecutorOptions
+from clipse.final import FinalOptions, PlannedRun, RunWorkload, run_final
 from clipse.final import main as final_main
 from clipse.metrics import METRIC_KEYS, metrics_from_ranks
-from clipse.search import main as search_main
+from clipse.search import SearchOptions, run_search
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
@@ -26,21 +29,43 @@ def report(tmp_path_factory):
     """A 3-trial debias study, then `clipse.final --seeds 2 --top-k 2` on it (no baseline study)."""
     root = tmp_path_factory.mktemp("final")
     studies = root / "studies"
-    common = ["--studies-dir", str(studies)]
     import os
     old = os.getcwd()
     os.chdir(root)
     try:
-        assert search_main(["--space", "debias", "--trials", "3", "--pruner", "none", "--data-root",
-                            str(root / "shapes"), *TINY, *common]) == 0
-        assert final_main(["--study", "debias", "--seeds", "2", "--top-k", "2", "--resamples", "200", *common]) == 0
+        training = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12,
+                    "batch_size": 16, "epochs": 2, "data_root": str(root / "shapes")}
+        search = run_search(SearchOptions(space="debias", trials=3, pruner="none", studies_dir=studies,
+                                          training=training))
+        assert search.counts.complete == 3
+        result = run_final(FinalOptions(study="debias", seeds=2, top_k=2, resamples=200, studies_dir=studies))
     finally:
         os.chdir(old)
-    return root, studies / "debias" / "final"
+    return root, studies / "debias" / "final", search, result
 
 
+@pytest.mark.slow
+def test_run_final_returns_the_report(report):
+    _, final, search, result = report
+    assert result.report_dir == final and not result.interrupted
+    assert {name: path.name for name, path in result.files.items()} == {
+        "runs": "runs.csv", "summary_csv": "summary.csv", "summary_md": "summary.md",
+        "test_metrics": "test_metrics.png", "dynamics": "dynamics.png", "search_history": "search_history.png",
+        "param_importances": "param_importances.png"}
+    summary = pd.read_csv(final / "summary.csv")
+    assert len(result.summary) == len(summary)
+    chosen = [f"trial-{row['trial']}" for row in search.top[:2]]  # the two best trials by value
+    assert set(result.verdicts) == set(chosen)
+    assert set(pd.read_csv(final / "runs.csv")["label"]) == {*chosen, "baseline"}
+    for label, verdict in result.verdicts.items():
+        row = summary[(summary["label"] == label) & (summary["metric"] == "r1_mean")].iloc[0]
+        expected = "better" if row["ci_low"] > 0 else "worse" if row["ci_high"] < 0 else "no clear difference"
+        assert verdict == expected
+
+
+@pytest.mark.slow
 def test_every_file_is_written(report):
-    _, final = report
+    _, final, _, _ = report
     for name in FILES:
         assert (final / name).is_file(), name
     runs = pd.read_csv(final / "runs.csv")
@@ -54,8 +79,9 @@ def test_every_file_is_written(report):
     assert "paired bootstrap" in text and "R@1 mean verdict" in text
 
 
+@pytest.mark.slow
 def test_summary_equals_recomputation_from_runs_csv(report):
-    _, final = report
+    _, final, _, _ = report
     runs = pd.read_csv(final / "runs.csv")
     summary = pd.read_csv(final / "summary.csv")
     baseline = runs[runs["label"] == "baseline"]
@@ -74,8 +100,9 @@ def test_summary_equals_recomputation_from_runs_csv(report):
             assert run[f"test_{key}"] == pytest.approx(recomputed[key])
 
 
+@pytest.mark.slow
 def test_pngs_open_and_are_not_blank(report):
-    _, final = report
+    _, final, _, _ = report
     for name in FILES:
         if name.endswith(".png"):
             with Image.open(final / name) as image:
@@ -83,8 +110,9 @@ def test_pngs_open_and_are_not_blank(report):
             assert image.size[0] > 300 and pixels.std() > 5, name
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_runs(report, capsys):
-    root, final = report
+    root, final, _, _ = report
     registry = root / "studies" / "run_registry.csv"
     before = registry.read_text()
     assert final_main(["--study", "debias", "--seeds", "2", "--top-k", "2", "--resamples", "200",
@@ -93,15 +121,17 @@ def test_rerun_reuses_finished_runs(report, capsys):
     assert registry.read_text() == before  # nothing trained again
 
 
+@pytest.mark.slow
 def test_other_epochs_on_existing_runs_is_refused(report, capsys):
-    root, _ = report
+    root, _, _, _ = report
     assert final_main(["--study", "debias", "--seeds", "2", "--epochs", "3",
                        "--studies-dir", str(root / "studies")]) == 2
     assert "was trained with other settings (epochs: 2 -> 3)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unknown_study_lists_existing_ones(report, capsys):
-    root, _ = report
+    root, _, _, _ = report
     assert final_main(["--study", "nope", "--studies-dir", str(root / "studies")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no study 'nope'" in err[0] and "(studies there: debias)" in err[0]
@@ -123,8 +153,9 @@ def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
     assert same["r1_mean"] == (0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_analysis_modules_run_on_their_own(report, tmp_path):
-    root, final = report
+    root, final, _, _ = report
     table = pd.read_csv(final / "runs.csv")
     first = table["label"].iloc[0]
     runs = table.loc[table["label"].isin([first, "baseline"]), "run_dir"].tolist()  # one config + baseline
@@ -143,3 +174,22 @@ def test_analysis_modules_run_on_their_own(report, tmp_path):
     assert plots.returncode == 0 and (out / "search_history.png").is_file()
     missing = subprocess.run([sys.executable, "-m", "analysis.summary", str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode == 2 and "not a finished run" in missing.stderr
+
+
+class FakeTask:
+    def __init__(self, label, state):
+        self.label, self.state, self.error = label, state, "worker died"
+        self.result = {"status": "completed"} if state == DONE else None
+
+
+def test_a_lost_run_is_retried_within_max_retries(tmp_path, capsys):
+    run = PlannedRun("trial-0", 0, TrainConfig(run_dir=str(tmp_path / "r")))
+    workload = RunWorkload([run], ExecutorOptions(max_retries=1), "final x")
+    (first,) = workload.wanted(room=4, outstanding=0)
+    workload.finished(FakeTask(first.label, LOST))
+    assert not workload.complete() and not workload.problems  # queued again
+    (second,) = workload.wanted(room=4, outstanding=0)
+    assert second.label == first.label and second.args == first.args
+    workload.finished(FakeTask(second.label, LOST))
+    assert workload.complete() and workload.problems == ["trial-0-seed0 (lost: worker died)"]
+    assert "retrying from its checkpoint" in capsys.readouterr().err

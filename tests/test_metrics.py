@@ -11,7 +11,7 @@ from clipse.metrics import METRIC_KEYS, metrics_from_ranks, retrieval_metrics, r
 
 
 def reference_metrics(S, owner):
-    """SPEC §2 by the letter. ``S[k][i]``: score of caption k against image i."""
+    """docs/metrics.md by the letter. ``S[k][i]``: score of caption k against image i."""
     C, N = len(S), len(S[0])
     out = {}
     t2i = []

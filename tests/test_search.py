@@ -1,5 +1,6 @@
-"""The search command end to end on tiny data: trial counts, resume, Ctrl-C, kills, workers,
-bad input, and a real optuna-dashboard reading the study over HTTP."""
+"""The search end to end on tiny data, through its Python API and its command: trial counts,
+resume, Ctrl-C, kills, workers, bad input, and a real optuna-dashboard reading the study over
+HTTP."""
 
 import json
 import os
@@ -14,18 +15,30 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from clipse.errors import UserError
+from clipse.executors import ExecutorOptions
+from clipse.objective import StudyRef
+from clipse.search import SearchOptions, TrialWorkload, run_search
 from clipse.search import main as search_main
-from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials
+from clipse.study import LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage
 
-from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for
+from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for, was_retried
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
+TINY_TRAINING = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+                 "epochs": 2}
 
 
 def search_args(tmp_path, space="bandpass", trials=3, *extra):
     return ["--space", space, "--trials", str(trials), "--studies-dir", str(tmp_path / "studies"),
             "--data-root", str(tmp_path / "shapes"), *TINY, *extra]
+
+
+def options(tmp_path, space="bandpass", trials=3, training=None, execution=None, **changes) -> SearchOptions:
+    return SearchOptions(space=space, trials=trials, studies_dir=tmp_path / "studies",
+                         training={**TINY_TRAINING, "data_root": str(tmp_path / "shapes"), **(training or {})},
+                         execution=execution or ExecutorOptions(), **changes)
 
 
 def cli(tmp_path, *args, timeout=600):
@@ -42,6 +55,7 @@ def _run_in(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the registry lands next to the studies folder
 
 
+@pytest.mark.slow
 def test_inline_search_records_everything(tmp_path, capsys):
     code = search_main(search_args(tmp_path, "bandpass", 3, "--pruner", "none", "--seed", "3"))
     out = capsys.readouterr()
@@ -58,7 +72,7 @@ def test_inline_search_records_everything(tmp_path, capsys):
         assert {"val_r1_mean", "val_i2t_r1", "val_t2i_mr", "weights_weight_std", "weights_band_coverage"} <= set(attrs)
         artifacts = [a for key, a in t.system_attrs.items() if key.startswith("artifacts:")]
         assert sorted(json.loads(a)["filename"] for a in artifacts) == ["dynamics.png", "training.csv"]
-    settings = study.user_attrs["clipse:settings"]
+    settings = study.user_attrs[SETTINGS_ATTR]
     assert settings["sampler"] == "tpe" and settings["seed"] == 3 and settings["pruner"] == "none"
     assert "optuna-dashboard " + str(tmp_path / "studies" / "bandpass" / "journal.log") in out.out
     assert "top trials of 'bandpass'" in out.out
@@ -67,41 +81,53 @@ def test_inline_search_records_everything(tmp_path, capsys):
     assert len(registry) == 4 and all("bandpass" in line for line in registry[1:])
 
 
-def test_seeded_inline_search_is_reproducible(tmp_path, capsys):
+@pytest.mark.slow
+def test_run_search_returns_what_the_study_holds(tmp_path):
+    result = run_search(options(tmp_path, "debias", 2, pruner="none"))
+    study = load_study(tmp_path, "debias")
+    assert result.study == "debias" and result.storage == str(tmp_path / "studies" / "debias" / "journal.log")
+    assert result.counts.complete == 2 and not result.interrupted
+    best = max(study.get_trials(), key=lambda t: t.value)
+    assert result.best["trial"] == best.number and result.best["value"] == best.value
+    assert {k: result.best[k] for k in best.params} == best.params
+    assert result.dashboard_command.startswith(f"optuna-dashboard {result.storage} --artifact-dir ")
+
+
+@pytest.mark.slow
+def test_seeded_inline_search_is_reproducible(tmp_path):
     for name in ("a", "b"):
-        assert search_main(search_args(tmp_path, "debias", 2, "--study", name, "--seed", "5")) == 0
+        assert run_search(options(tmp_path, "debias", 2, study=name, seed=5)).counts.finished == 2
     a, b = load_study(tmp_path, "a").get_trials(), load_study(tmp_path, "b").get_trials()
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == [t.value for t in b]
 
 
-def test_trials_is_the_total_and_resume_repeats_nothing(tmp_path, capsys):
-    assert search_main(search_args(tmp_path, "baseline", 2)) == 0
+@pytest.mark.slow
+def test_trials_is_the_total_and_resume_repeats_nothing(tmp_path):
+    assert run_search(options(tmp_path, "baseline", 2)).counts.finished == 2
     first = [(t.number, t.params, t.value) for t in load_study(tmp_path, "baseline").get_trials()]
-    assert search_main(search_args(tmp_path, "baseline", 4)) == 0
+    assert run_search(options(tmp_path, "baseline", 4)).counts.finished == 4
     trials = load_study(tmp_path, "baseline").get_trials()
     assert len(trials) == 4 and [(t.number, t.params, t.value) for t in trials[:2]] == first
-    assert search_main(search_args(tmp_path, "baseline", 4)) == 0  # already complete: nothing to do
+    assert run_search(options(tmp_path, "baseline", 4)).counts.finished == 4  # already complete: nothing to do
     assert len(load_study(tmp_path, "baseline").get_trials()) == 4
     assert len(list((tmp_path / "studies" / "baseline" / "runs").iterdir())) == 4
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, capsys):
-    assert search_main(search_args(tmp_path, "baseline", 1)) == 0
-    capsys.readouterr()
-    assert search_main(search_args(tmp_path, "baseline", 2, "--pruner", "hyperband")) == 2
-    assert "created with other settings: --pruner hyperband (study has median)" in capsys.readouterr().err
-    args = search_args(tmp_path, "baseline", 2)
-    args[args.index("--epochs") + 1] = "3"
-    assert search_main(args) == 2
-    assert "--epochs 3 (study has 2)" in capsys.readouterr().err
+@pytest.mark.slow
+def test_resume_with_other_settings_is_refused(tmp_path):
+    run_search(options(tmp_path, "baseline", 1))
+    with pytest.raises(UserError, match=r"created with other settings: --pruner hyperband \(study has median\)"):
+        run_search(options(tmp_path, "baseline", 2, pruner="hyperband"))
+    with pytest.raises(UserError, match=r"--epochs 3 \(study has 2\)"):
+        run_search(options(tmp_path, "baseline", 2, training={"epochs": 3}))
 
 
 def test_unknown_space_and_bad_values(tmp_path, capsys):
     assert search_main(["--space", "nope", "--trials", "2"]) == 2
     assert "unknown search space 'nope' (available: bandpass, baseline, debias" in capsys.readouterr().err
-    assert search_main(["--space", "baseline", "--trials", "0"]) == 2
-    assert "--trials must be at least 1" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--trials must be at least 1"):
+        run_search(SearchOptions(space="baseline", trials=0))
     bad = tmp_path / "bad.yaml"
     bad.write_text("params:\n  m1: {type: float, low: 0.5, high: 0.1}\n")
     assert search_main(["--space", str(bad), "--trials", "1"]) == 2
@@ -109,28 +135,52 @@ def test_unknown_space_and_bad_values(tmp_path, capsys):
     assert len(err) == 1 and "bad.yaml: params.m1: needs low < high" in err[0]
 
 
-def test_invalid_parameters_are_pruned_not_trained(tmp_path, capsys):
+@pytest.mark.slow
+def test_invalid_parameters_are_pruned_not_trained(tmp_path):
     space = tmp_path / "overlap.yaml"
     space.write_text("fixed: {loss: sanw_bandpass}\nparams:\n"
                      "  m1: {type: float, low: 0.5, high: 0.9}\n  m2: {type: float, low: 0.1, high: 0.6}\n")
-    code = search_main(search_args(tmp_path, str(space), 2))
-    assert code == 1  # nothing completed
+    result = run_search(options(tmp_path, str(space), 2))
+    assert result.counts.complete == 0 and result.best is None  # the command exits 1 for this
     trials = load_study(tmp_path, "overlap").get_trials()
     assert states(load_study(tmp_path, "overlap")) == [TrialState.PRUNED] * 2
     assert all("the band needs m1 < m2" in t.user_attrs["rejected"] for t in trials)
     assert not (tmp_path / "studies" / "overlap" / "runs").exists()
 
 
-def test_a_trial_that_raises_fails_with_its_error_and_the_rest_continue(tmp_path, capsys):
+@pytest.mark.slow
+def test_a_trial_that_raises_fails_with_its_error_and_the_rest_continue(tmp_path):
     space = tmp_path / "models.yaml"
     space.write_text("params:\n  model: {type: categorical, choices: [clipse-tiny, no-such-model]}\n")
-    assert search_main(search_args(tmp_path, str(space), 6, "--sampler", "random", "--seed", "1")) == 0
+    result = run_search(options(tmp_path, str(space), 6, sampler="random", seed=1))
+    assert result.counts.finished == 6
     trials = load_study(tmp_path, "models").get_trials()
     assert len(trials) == 6
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and all(t.params["model"] == "no-such-model" for t in failed)
     assert all("unknown model 'no-such-model'" in t.user_attrs["error"] for t in failed)
     assert all(t.state == TrialState.COMPLETE for t in trials if t.params["model"] == "clipse-tiny")
+
+
+@pytest.mark.parametrize("max_retries,retried", [(0, False), (1, True)])
+def test_stopping_a_session_honours_max_retries(tmp_path, max_retries, retried):
+    """After a cancel (Ctrl-C, or SLURM jobs cancelled) the session's RUNNING trials are failed,
+    and retried only within --max-retries."""
+    storage = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(storage), direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("lr", 0.1, 1.0)
+    trial.set_user_attr(OWNER_ATTR, {"kind": "process", "host": "elsewhere", "pid": 1, "session": "mine"})
+    other = study.ask()
+    other.set_user_attr(OWNER_ATTR, {"kind": "process", "host": "elsewhere", "pid": 2, "session": "theirs"})
+    ref = StudyRef(name="s", storage=storage, study_dir=str(tmp_path), session="mine", total=2)
+    TrialWorkload(study, ref, ExecutorOptions(max_retries=max_retries), grace_s=600).stopped(True)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and "stopped" in trials[0].system_attrs[LOST_ATTR]
+    assert trials[1].state == TrialState.RUNNING  # another session's trial is left alone
+    assert was_retried(study, trials[0]) is retried
+    if retried:
+        assert trials[2].state == TrialState.WAITING and trials[2].params == trials[0].params
 
 
 @pytest.mark.slow
@@ -142,7 +192,7 @@ def test_four_local_workers_reach_the_exact_total(tmp_path):
     assert set(states(study)) <= {TrialState.COMPLETE, TrialState.PRUNED}
     counts = count_trials(study)
     assert counts.finished == 8 and counts.running == 0 and len(study.get_trials()) == 8
-    pids = {t.system_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}
+    pids = {t.user_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}
     assert len(pids) > 1  # really ran in several processes
 
 
@@ -162,7 +212,7 @@ def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
     study = load_study(tmp_path, "baseline")
     assert TrialState.RUNNING not in states(study)
     interrupted = study.get_trials()[0]
-    assert interrupted.state == TrialState.FAIL and interrupted.system_attrs[RETRIED_ATTR]
+    assert interrupted.state == TrialState.FAIL and was_retried(study, interrupted)
     assert "interrupted" in interrupted.system_attrs[LOST_ATTR]
 
     resumed = cli(tmp_path, *args)
@@ -205,7 +255,7 @@ def test_sigkilled_local_worker_is_replaced_and_its_trial_retried(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
     victim = load_study(tmp_path, "baseline").get_trials()[0]
-    worker_pid = victim.system_attrs[OWNER_ATTR]["pid"]
+    worker_pid = victim.user_attrs[OWNER_ATTR]["pid"]
     assert worker_pid != process.pid
     os.kill(worker_pid, signal.SIGKILL)
     out, err = process.communicate(timeout=600)
@@ -224,8 +274,9 @@ def _get_json(url):
         return json.loads(response.read())
 
 
-def test_optuna_dashboard_reads_the_study_over_http(tmp_path, capsys):
-    assert search_main(search_args(tmp_path, "debias", 2)) == 0
+@pytest.mark.slow
+def test_optuna_dashboard_reads_the_study_over_http(tmp_path):
+    assert run_search(options(tmp_path, "debias", 2)).counts.finished == 2
     journal = tmp_path / "studies" / "debias" / "journal.log"
     port = _free_port()
     dashboard = subprocess.Popen(
@@ -266,7 +317,7 @@ def test_local_workers_share_a_postgresql_study(tmp_path, postgres_url):
     study = optuna.load_study(study_name="bandpass", storage=postgres_url)
     counts = count_trials(study)
     assert counts.finished == 6 and counts.running == 0 and len(study.get_trials()) == 6
-    assert len({t.system_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}) > 1
+    assert len({t.user_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}) > 1
 
 
 def test_unreachable_storage_is_one_line(tmp_path, capsys):

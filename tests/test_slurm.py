@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from clipse.study import LOST_ATTR, OWNER_ATTR, RETRIED_ATTR, count_trials
+from clipse.study import LOST_ATTR, OWNER_ATTR, count_trials
 
-from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for
+from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for, was_retried
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -56,7 +56,7 @@ def test_trials_run_as_a_job_array_with_fake_gpus(slurm_cluster, tmp_path):
     assert len(arrays) == 1  # one array for the whole batch
     for t in trials:
         assert Path(t.user_attrs["slurm_stdout"]).is_file() and Path(t.user_attrs["slurm_stderr"]).is_file()
-        assert t.system_attrs[OWNER_ATTR]["slurm_job"].startswith(t.user_attrs["slurm_job_id"] + "_")
+        assert t.user_attrs[OWNER_ATTR]["job"].startswith(t.user_attrs["slurm_job_id"] + "_")
     script = next((tmp_path / "studies" / "debias" / "slurm").rglob("*_submission.sh")).read_text()
     assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --array=0-3%2" in script
     assert "4/4 trials done" in result.stderr
@@ -76,25 +76,25 @@ def test_refused_submission_is_one_line_and_loses_nothing(slurm_cluster, tmp_pat
 
 def test_sqlite_storage_is_refused_for_slurm(slurm_cluster, tmp_path):
     result = run(tmp_path, *args_for(tmp_path, "baseline", 1, "--storage", f"sqlite:///{tmp_path}/s.db"))
-    assert result.returncode == 2 and "SQLite is not safe for SLURM jobs" in result.stderr
+    assert result.returncode == 2 and "SQLite is not safe for slurm jobs" in result.stderr
 
 
 def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
     process = start(tmp_path, *args_for(tmp_path, "baseline", 2, "--workers", "2", *SLOW))
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
-    owner = load_study(tmp_path, "baseline").get_trials()[0].system_attrs[OWNER_ATTR]
+    owner = load_study(tmp_path, "baseline").get_trials()[0].user_attrs[OWNER_ATTR]
     os.kill(owner["pid"], signal.SIGKILL)  # the worker dies (as under the OOM killer)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
     lost, retry = assert_first_trial_retried(load_study(tmp_path, "baseline"), total=2)
-    assert owner["slurm_job"] in lost.system_attrs[LOST_ATTR] or "heartbeat" in lost.system_attrs[LOST_ATTR]
+    assert owner["job"] in lost.system_attrs[LOST_ATTR] or "heartbeat" in lost.system_attrs[LOST_ATTR]
     assert retry.user_attrs["slurm_job_id"] != lost.user_attrs["slurm_job_id"]
 
 
 def test_requeued_job_resumes_its_trial(slurm_cluster, tmp_path):
     process = start(tmp_path, *args_for(tmp_path, "baseline", 1, *SLOW))
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
-    job = load_study(tmp_path, "baseline").get_trials()[0].system_attrs[OWNER_ATTR]["slurm_job"]
+    job = load_study(tmp_path, "baseline").get_trials()[0].user_attrs[OWNER_ATTR]["job"]
     subprocess.run(["scontrol", "requeue", job], check=True)
     # a requeued job waits two minutes before it may start again; once it is pending, start it now
     assert wait_for(lambda: ["PENDING"] in [row[1:] for row in squeue("baseline")], timeout=60)
@@ -121,4 +121,4 @@ def test_ctrl_c_cancels_jobs_and_leaves_nothing_running(slurm_cluster, tmp_path)
     assert wait_for(lambda: not squeue("cancel-me"), timeout=60)
     study = load_study(tmp_path, "cancel-me")
     assert TrialState.RUNNING not in [t.state for t in study.get_trials()]
-    assert study.get_trials()[0].system_attrs[RETRIED_ATTR]
+    assert was_retried(study, study.get_trials()[0])

@@ -1,6 +1,7 @@
 """The trainer: outputs, determinism, resume after a kill, divergence, callbacks, schedule."""
 
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -13,9 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from clipse import train as train_module
 from clipse.config import TrainConfig
 from clipse.errors import UserError
+from clipse.losses import LOSSES
+from clipse.losses.infonce import InfoNCE
 from clipse.metrics import METRIC_KEYS
 from clipse.train import build_optimizer, learning_rate, train
 
@@ -107,17 +109,22 @@ def test_resume_refuses_changed_settings_and_reuses_finished_run(tiny):
     assert len(read_csv(config.registry)) == 1  # nothing trained, no new registry row
 
 
+@dataclasses.dataclass(frozen=True)
+class PoisonedAtStep5(InfoNCE):
+    """InfoNCE whose fifth call returns NaN."""
+
+    name = "poisoned"
+    calls = [0]
+
+    def __call__(self, u, v, s):
+        self.calls[0] += 1
+        loss, stats = super().__call__(u, v, s)
+        return (loss * float("nan"), stats) if self.calls[0] == 5 else (loss, stats)
+
+
 def test_non_finite_loss_ends_as_diverged(tiny, monkeypatch):
-    calls = {"n": 0}
-    real = train_module.LOSSES["infonce"]
-
-    def poisoned(u, v, s):
-        calls["n"] += 1
-        loss, stats = real(u, v, s)
-        return (loss * float("nan"), stats) if calls["n"] == 5 else (loss, stats)
-
-    monkeypatch.setitem(train_module.LOSSES, "infonce", poisoned)
-    config = tiny()
+    monkeypatch.setitem(LOSSES, PoisonedAtStep5.name, PoisonedAtStep5)
+    config = tiny(loss="poisoned")
     result = train(config)
     assert result.status == "diverged" and result.diverged_step == 5 and result.epochs_done == 0
     assert read_csv(config.registry)[0]["status"] == "diverged"
@@ -175,7 +182,7 @@ def test_locked_towers_are_not_trained(tiny):
     torch.manual_seed(config.seed)  # the trainer seeds, then creates the model
     before = create_model("clipse-tiny", init_temperature=config.init_temperature).model.visual.state_dict()
     train(config)
-    after = torch.load(Path(config.run_dir) / "last.pt", weights_only=False)["state_dict"]
+    after = torch.load(Path(config.run_dir) / "last.pt", weights_only=True)["state_dict"]
     for key, value in before.items():
         assert torch.equal(after[f"visual.{key}"], value), key
 

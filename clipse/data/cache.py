@@ -1,4 +1,4 @@
-"""Decode-once caches: images as resized uint8 tensors, captions as token tensors (SPEC §3).
+"""Decode-once caches: images as resized uint8 tensors, captions as token tensors (docs/data.md).
 
 Cache files live under ``$CLIPSE_CACHE/tensors``, named by a hash of what they were made from
 (image paths with size and modification time, the split and the resolution; or the captions

@@ -1,4 +1,4 @@
-"""Dataset readers (SPEC §3). Every reader returns a ``CaptionDataset`` with train/val/test.
+"""Dataset readers (docs/data.md). Every reader returns a ``CaptionDataset`` with train/val/test.
 
 Quirks of the real files are skipped with one warning that counts them; anything that makes a
 file unusable is a ``UserError`` naming the file (and line) and what is wrong.

@@ -1,64 +1,29 @@
-"""Contrastive losses of SPEC §1. Each takes L2-normalised embeddings and the logit multiplier
-``scale`` and returns ``(loss, stats)``; the three differ only in the negative weights."""
+"""Contrastive losses (formulas in ``docs/losses.md``). Each takes L2-normalised embeddings and
+the logit multiplier ``scale`` and returns ``(loss, stats)``; all are weighted InfoNCE with
+different negative weights.
+
+Every module of this package is imported here, so a loss is one module: a dataclass of its
+parameters decorated with ``@register_loss`` (see ``clipse.losses.base``).
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import pkgutil
 
-import torch
-
-from clipse.losses.sanw import (
-    affinity,
-    band_response,
-    debias_raw_weights,
-    mass_preserving,
-    weight_stats,
-)
+from clipse.losses.base import (LOSSES, STRENGTH_COLUMN, ContrastiveLoss, LossResult, loss_defaults, loss_names,
+                                loss_param, loss_parameters, register_loss)
 from clipse.losses.weighted import MAX_LOGIT_SCALE, clamp_scale, weighted_infonce
 
-LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def infonce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale) -> LossResult:
-    """CLIP's symmetric InfoNCE; its stats are those of all-ones weights (for comparison)."""
-    aff = affinity(image_emb, text_emb)
-    loss = weighted_infonce(image_emb, text_emb, scale)
-    return loss, weight_stats(torch.ones_like(aff), aff)
-
-
-def sanw_debias_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, scale, *,
-    alpha: float, delta: float, lam: float, rho: float = 0.5,
-) -> LossResult:
-    """Down-weights likely false negatives: ``w~ = 1 - alpha * sigmoid(lam * (A - delta))``."""
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"sanw_debias needs 0 <= alpha < 1 (weights must stay positive), got {alpha}")
-    aff = affinity(image_emb, text_emb, rho)
-    weights = mass_preserving(debias_raw_weights(aff, alpha=alpha, delta=delta, lam=lam))
-    return weighted_infonce(image_emb, text_emb, scale, weights), weight_stats(weights, aff)
-
-
-def sanw_bandpass_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, scale, *,
-    alpha: float, m1: float, m2: float, gamma: float, rho: float = 0.5,
-) -> LossResult:
-    """Emphasises mid-hard negatives: ``w~ = 1 + alpha * b`` with ``b`` high inside [m1, m2]."""
-    if alpha < 0.0 or gamma <= 0.0 or not m1 < m2:
-        raise ValueError(f"sanw_bandpass needs alpha >= 0, gamma > 0 and m1 < m2, got "
-                         f"alpha={alpha}, gamma={gamma}, m1={m1}, m2={m2}")
-    aff = affinity(image_emb, text_emb, rho)
-    band = band_response(aff, m1=m1, m2=m2, gamma=gamma)
-    weights = mass_preserving(1.0 + alpha * band)
-    return weighted_infonce(image_emb, text_emb, scale, weights), weight_stats(weights, aff, band)
-
-
-LOSSES: dict[str, Callable[..., LossResult]] = {
-    "infonce": infonce_loss,
-    "sanw_debias": sanw_debias_loss,
-    "sanw_bandpass": sanw_bandpass_loss,
-}
+from clipse.losses.infonce import infonce_loss  # noqa: E402
+from clipse.losses.sanw_bandpass import sanw_bandpass_loss  # noqa: E402
+from clipse.losses.sanw_debias import sanw_debias_loss  # noqa: E402
 
 __all__ = [
-    "LOSSES", "MAX_LOGIT_SCALE", "clamp_scale", "infonce_loss", "sanw_bandpass_loss",
+    "LOSSES", "MAX_LOGIT_SCALE", "STRENGTH_COLUMN", "ContrastiveLoss", "LossResult", "clamp_scale", "infonce_loss",
+    "loss_defaults", "loss_names", "loss_param", "loss_parameters", "register_loss", "sanw_bandpass_loss",
     "sanw_debias_loss", "weighted_infonce",
 ]

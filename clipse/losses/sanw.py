@@ -1,10 +1,16 @@
-"""Similarity-Aware Negative Weighting: affinity, the two weight families, normalisation, stats."""
+"""Similarity-Aware Negative Weighting: affinity, the two weight families, normalisation, stats,
+and ``SanwLoss``, the base both SANW losses share (their formulas are in ``docs/losses.md``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-# Statistic thresholds of SPEC §1: a negative is "suppressed" below 0.9, "emphasised" above 1.1.
+from clipse.losses.base import ContrastiveLoss, LossResult, loss_param
+from clipse.losses.weighted import weighted_infonce
+
+# Statistic thresholds (docs/losses.md): a negative is "suppressed" below 0.9, "emphasised" above 1.1.
 SUPPRESSED_BELOW = 0.9
 EMPHASISED_ABOVE = 1.1
 BAND_COVERED_ABOVE = 0.5
@@ -49,7 +55,7 @@ def mass_preserving(raw: torch.Tensor) -> torch.Tensor:
 def weight_stats(
     weights: torch.Tensor, aff: torch.Tensor, band: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """SPEC §1 statistics over the off-diagonal entries (NaN when the batch has no negatives).
+    """The weight statistics over the off-diagonal entries (NaN when the batch has no negatives).
 
     Values stay 0-d tensors so that a training step does not have to synchronise a GPU;
     ``weight_std`` is the population standard deviation.
@@ -73,3 +79,26 @@ def weight_stats(
     if band is not None:
         stats["band_coverage"] = (band[off] > BAND_COVERED_ABOVE).float().mean()
     return stats
+
+
+@dataclasses.dataclass(frozen=True)
+class SanwLoss(ContrastiveLoss):
+    """Weighted InfoNCE whose negative weights come from the affinity, rescaled to average 1
+    per sample. Subclasses give the raw weights (and any extra statistic)."""
+
+    alpha: float = loss_param(0.2, "SANW strength")
+    rho: float = loss_param(0.5, "affinity mix: 1.0 = text-only affinity, 0.0 = image-only")
+    strength = "alpha"
+
+    def raw_weights(self, aff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unnormalised weights from the affinity, and the band response where there is one."""
+        raise NotImplementedError
+
+    def problems(self) -> list[str]:
+        return [] if 0 <= self.rho <= 1 else [f"rho={self.rho}: needs 0 <= rho <= 1"]
+
+    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale) -> LossResult:
+        aff = affinity(image_emb, text_emb, self.rho)
+        raw, band = self.raw_weights(aff)
+        weights = mass_preserving(raw)
+        return weighted_infonce(image_emb, text_emb, scale, weights), weight_stats(weights, aff, band)

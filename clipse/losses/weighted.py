@@ -1,4 +1,4 @@
-"""The one weighted-InfoNCE core all three losses share (SPEC §1)."""
+"""The one weighted-InfoNCE core every loss shares (docs/losses.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Batch samplers: plain shuffled batches and topical batches (SPEC §5).
+"""Batch samplers: plain shuffled batches and topical batches.
 
 Both cover every training pair exactly once per epoch and are deterministic for (seed, epoch).
 A trailing batch of a single pair (no negatives, zero loss) is folded into the batch before it.

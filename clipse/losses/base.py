@@ -1,0 +1,111 @@
+"""What a contrastive loss is to the rest of clipse, and the registry that finds losses by name.
+
+A loss is a frozen dataclass subclassing ``ContrastiveLoss``: its fields are its parameters
+(made with ``loss_param``, which gives each its default, help text and flag), ``problems``
+states its validity rules once, and calling it on a batch returns ``(loss, stats)``.
+``@register_loss`` makes it known under its ``name``: ``--loss NAME`` accepts it, its
+parameters become flags, YAML keys and search-space keys, and ``TrainConfig.validate`` applies
+its rules. Nothing else names a loss parameter (see ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import Field
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from clipse.fields import default_of, key_of, kind_of, setting
+
+LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+# The training.csv column holding the strength a step used (SANW's alpha during its warm-up).
+STRENGTH_COLUMN = "alpha"
+
+
+def loss_param(default: Any, help: str, *, key: str | None = None) -> Any:
+    """A loss parameter: its default and help text; ``key`` when users write it otherwise than
+    the attribute (``lambda`` for ``lam``)."""
+    return setting(default, help, key=key)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveLoss:
+    """Base of every loss. Subclasses are frozen dataclasses of their parameters."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    # The parameter the strength warm-up ramps from 0 (None: the loss has no strength).
+    strength: ClassVar[str | None] = None
+
+    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale) -> LossResult:
+        """L2-normalised embeddings and the logit multiplier -> (scalar loss, 0-d stat tensors)."""
+        raise NotImplementedError
+
+    def problems(self) -> list[str]:
+        """Why these parameter values cannot train; empty when they can."""
+        return []
+
+    def checked(self) -> "ContrastiveLoss":
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"{self.name}: " + "; ".join(problems))
+        return self
+
+    @property
+    def strength_value(self) -> float:
+        return float(getattr(self, self.strength)) if self.strength else 0.0
+
+    def ramped(self, fraction: float) -> "ContrastiveLoss":
+        """This loss with its strength scaled by ``fraction`` (clipped to [0, 1])."""
+        if not self.strength or fraction >= 1.0:
+            return self
+        return dataclasses.replace(self, **{self.strength: self.strength_value * max(0.0, fraction)})
+
+    @classmethod
+    def parameters(cls) -> tuple[Field, ...]:
+        return dataclasses.fields(cls)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "ContrastiveLoss":
+        """This loss with its parameters taken from ``settings`` (keys as users write them)."""
+        return cls(**{f.name: settings[key_of(f)] for f in cls.parameters() if key_of(f) in settings})
+
+
+LOSSES: dict[str, type[ContrastiveLoss]] = {}
+
+
+def register_loss(cls: type[ContrastiveLoss]) -> type[ContrastiveLoss]:
+    """Class decorator: make a loss known under ``cls.name``. A parameter key that several
+    losses share (``alpha``, ``rho``) must have the same type and default in all of them,
+    because a configuration holds one value per key."""
+    if not dataclasses.is_dataclass(cls) or not issubclass(cls, ContrastiveLoss):
+        raise TypeError(f"{cls!r}: a loss is a dataclass subclassing ContrastiveLoss")
+    if cls.name in LOSSES and LOSSES[cls.name] is not cls:
+        raise ValueError(f"a loss named '{cls.name}' is already registered")
+    known = loss_parameters()
+    for f in cls.parameters():
+        other = known.get(key_of(f))
+        if other is not None and (kind_of(other), default_of(other)) != (kind_of(f), default_of(f)):
+            raise ValueError(f"loss '{cls.name}': parameter '{key_of(f)}' differs from the one other losses "
+                             f"declare ({kind_of(f)} {default_of(f)!r} vs {kind_of(other)} {default_of(other)!r})")
+    LOSSES[cls.name] = cls
+    return cls
+
+
+def loss_names() -> tuple[str, ...]:
+    return tuple(LOSSES)
+
+
+def loss_parameters() -> dict[str, Field]:
+    """Every registered loss parameter by key, in registration order (shared keys once)."""
+    out: dict[str, Field] = {}
+    for cls in LOSSES.values():
+        for f in cls.parameters():
+            out.setdefault(key_of(f), f)
+    return out
+
+
+def loss_defaults() -> dict[str, Any]:
+    return {key: default_of(f) for key, f in loss_parameters().items()}

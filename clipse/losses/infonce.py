@@ -1,0 +1,28 @@
+"""CLIP's symmetric InfoNCE: every negative weighs 1."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from clipse.losses.base import ContrastiveLoss, LossResult, register_loss
+from clipse.losses.sanw import affinity, weight_stats
+from clipse.losses.weighted import weighted_infonce
+
+
+@register_loss
+@dataclasses.dataclass(frozen=True)
+class InfoNCE(ContrastiveLoss):
+    """Its statistics are those of all-ones weights, so every run logs the same columns."""
+
+    name = "infonce"
+    summary = "CLIP's symmetric InfoNCE"
+
+    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale) -> LossResult:
+        aff = affinity(image_emb, text_emb)
+        return weighted_infonce(image_emb, text_emb, scale), weight_stats(torch.ones_like(aff), aff)
+
+
+def infonce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale) -> LossResult:
+    return InfoNCE()(image_emb, text_emb, scale)

@@ -1,0 +1,227 @@
+"""Test-split results of a set of runs: a per-run table, mean ± std per configuration, and the
+difference to a baseline with a 95% confidence interval from a paired bootstrap.
+
+The bootstrap resamples test images (each with its captions) and seeds, the same draw for a
+configuration and the baseline (paired), and recomputes every metric from the per-query ranks
+each run saved (``test_ranks.npz``). The median ranks get no interval (resampling a median of
+ranks is too coarse to mean much); the difference of their means is still reported.
+
+    python -m analysis.summary RUN_DIR [RUN_DIR ...] [--label-by loss] [--baseline infonce] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from clipse.config import TEST_SET_KEYS  # noqa: E402
+from clipse.errors import UserError, cli_main  # noqa: E402
+from clipse.metrics import METRIC_KEYS, RetrievalRanks, metrics_from_ranks  # noqa: E402
+from clipse.run_folder import RunFolder  # noqa: E402
+from clipse.tables import markdown_table  # noqa: E402
+
+HEADLINE = ["r1_mean", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "rsum", "i2t_map10", "t2i_map10", "i2t_mr", "t2i_mr"]
+NO_INTERVAL = {"i2t_mr", "t2i_mr"}
+CONFIDENCE = 0.95
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    label: str
+    seed: int
+
+
+def read_runs(records: list[RunRecord]) -> pd.DataFrame:
+    """One row per run: label, seed, settings, best validation and test metrics, SANW stats."""
+    rows, data_settings = [], None
+    for record in records:
+        folder = RunFolder(record.run_dir)
+        result, saved = folder.result(), folder.saved_config()
+        if result is None or saved is None or not result.test_metrics or not folder.test_ranks_file.exists():
+            raise UserError(f"{record.run_dir}: not a finished run with test results (train with --eval-test)")
+        config = saved.to_mapping()
+        settings = {k: config.get(k) for k in TEST_SET_KEYS}
+        if data_settings is not None and settings != data_settings:
+            changed = [k for k in TEST_SET_KEYS if settings[k] != data_settings[k]]
+            raise UserError(f"{record.run_dir}: other data or model than the first run ({', '.join(changed)}); "
+                            "results on different test sets cannot be compared")
+        data_settings = settings
+        rows.append({
+            "label": record.label, "seed": record.seed, "loss": saved.loss, "status": result.status,
+            "epochs": result.epochs_done, "best_epoch": result.best_epoch,
+            **result.test_metrics, **result.best_metrics,
+            **{f"train_{k}": v for k, v in result.weight_stats.items()},
+            "seconds": round(result.seconds, 1), "run_dir": str(record.run_dir),
+            "params": json.dumps({k: config[k] for k in sorted(config) if k not in ("run_dir", "registry")}),
+        })
+    return pd.DataFrame(rows)
+
+
+def load_ranks(run_dir: Path) -> RetrievalRanks:
+    return RunFolder(run_dir).test_ranks()
+
+
+def paired_bootstrap(config_ranks: list[RetrievalRanks], baseline_ranks: list[RetrievalRanks],
+                     resamples: int = 2000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95% interval of (config - baseline) for each metric: seeds and test images resampled
+    together for both sides. Seeds pair by position (the same training seed)."""
+    n_images = len(config_ranks[0].i2t_best_rank)
+    for ranks in config_ranks + baseline_ranks:
+        if len(ranks.i2t_best_rank) != n_images or not np.array_equal(ranks.caption_image, config_ranks[0].caption_image):
+            raise ValueError("runs were tested on different test sets; a paired comparison needs the same one")
+    rng = np.random.default_rng(seed)
+    n_seeds = len(config_ranks)
+    differences = {key: [] for key in METRIC_KEYS if key not in NO_INTERVAL}
+    for _ in range(resamples):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        counts = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images))
+        config = [metrics_from_ranks(config_ranks[s], counts) for s in seeds]
+        baseline = [metrics_from_ranks(baseline_ranks[s], counts) for s in seeds]
+        for key in differences:
+            differences[key].append(np.mean([c[key] for c in config]) - np.mean([b[key] for b in baseline]))
+    tail = (1 - CONFIDENCE) / 2 * 100
+    return {key: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for key, v in differences.items()}
+
+
+def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2000) -> pd.DataFrame:
+    """One row per (label, metric): mean, std (over seeds), n, and against the baseline the
+    difference of means and its paired-bootstrap interval."""
+    rows = []
+    baseline = runs[runs["label"] == baseline_label].sort_values("seed") if baseline_label else None
+    for label, group in runs.groupby("label", sort=False):
+        group = group.sort_values("seed")
+        interval = {}
+        if baseline is not None and label != baseline_label:
+            if list(group["seed"]) != list(baseline["seed"]):
+                raise UserError(f"'{label}' and the baseline were trained with different seeds")
+            interval = paired_bootstrap([load_ranks(d) for d in group["run_dir"]],
+                                        [load_ranks(d) for d in baseline["run_dir"]], resamples)
+        for key in METRIC_KEYS:
+            values = group[f"test_{key}"].astype(float)
+            row = {"label": label, "metric": key, "mean": values.mean(),
+                   "std": values.std(ddof=1) if len(values) > 1 else 0.0, "n": len(values)}
+            if baseline is not None and label != baseline_label:
+                row["diff"] = values.mean() - baseline[f"test_{key}"].astype(float).mean()
+                row["ci_low"], row["ci_high"] = interval.get(key, (np.nan, np.nan))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def verdict(row, metric: str) -> str:
+    """What the interval says: better / worse than the baseline, or no clear difference."""
+    if not np.isfinite(row.get("ci_low", np.nan)):
+        return ""
+    lower_is_better = metric.endswith("_mr")
+    if row["ci_low"] > 0:
+        return "worse" if lower_is_better else "better"
+    if row["ci_high"] < 0:
+        return "better" if lower_is_better else "worse"
+    return "no clear difference"
+
+
+def summary_verdicts(rows: list[dict], baseline_label: str) -> dict[str, str]:
+    """Each configuration's R@1 mean against the baseline, from the rows of ``summarise``."""
+    return {row["label"]: verdict(row, "r1_mean") for row in rows
+            if row["metric"] == "r1_mean" and row["label"] != baseline_label}
+
+
+def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: str | None, intro: str) -> str:
+    """The report: mean ± std per configuration, then each one against the baseline."""
+    def fmt(key, value):
+        return f"{value:.2f}" if key.endswith("_mr") else f"{100 * value:.2f}"
+
+    table_rows = []
+    for label, group in summary.groupby("label", sort=False):
+        by = group.set_index("metric")
+        row = {"configuration": label, "seeds": int(by.loc["r1_mean", "n"])}
+        for key in HEADLINE:
+            row[key] = f"{fmt(key, by.loc[key, 'mean'])} ± {fmt(key, by.loc[key, 'std'])}"
+        weights = runs.loc[runs["label"] == label, "train_weight_std"] if "train_weight_std" in runs else None
+        row["SANW w std"] = f"{weights.mean():.4f}" if weights is not None else ""
+        table_rows.append(row)
+    lines = [intro, "", "Recalls and mAP@10 in percent (mean ± std over seeds); MR in ranks. "
+             "`SANW w std`: mean spread of the negative weights in the last training epoch (0 = plain InfoNCE).",
+             "", markdown_table(table_rows, ["configuration", "seeds", *HEADLINE, "SANW w std"])]
+    if baseline_label and "diff" in summary:
+        lines += ["", f"Against the baseline `{baseline_label}`: difference of means, {int(CONFIDENCE * 100)}% "
+                  "interval from a paired bootstrap over test images and seeds (none for MR).", ""]
+        diff_rows = []
+        for label, group in summary[summary["label"] != baseline_label].groupby("label", sort=False):
+            by = group.set_index("metric")
+            row = {"configuration": label}
+            for key in HEADLINE:
+                d = by.loc[key]
+                interval = (f" [{fmt(key, d['ci_low'])}, {fmt(key, d['ci_high'])}]"
+                            if np.isfinite(d.get("ci_low", np.nan)) else "")
+                row[key] = f"{'+' if d['diff'] >= 0 else ''}{fmt(key, d['diff'])}{interval}"
+            row["R@1 mean verdict"] = verdict(by.loc["r1_mean"], "r1_mean")
+            diff_rows.append(row)
+        lines.append(markdown_table(diff_rows, ["configuration", *HEADLINE, "R@1 mean verdict"]))
+    return "\n".join(lines) + "\n"
+
+
+def plot_test_metrics(runs: pd.DataFrame, out: Path, metrics: tuple[str, ...] = ("r1_mean", "i2t_r1", "t2i_r1", "rsum")) -> Path:
+    """Test metrics per configuration: one dot per seed, bar = mean."""
+    long = runs.melt(id_vars=["label", "seed"], value_vars=[f"test_{m}" for m in metrics], var_name="metric")
+    long["metric"] = long["metric"].str.removeprefix("test_")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8))
+    for ax, metric in zip(np.atleast_1d(axes), metrics):
+        part = long[long["metric"] == metric]
+        sns.barplot(data=part, x="label", y="value", hue="label", errorbar=None, alpha=0.45, ax=ax, legend=False)
+        sns.stripplot(data=part, x="label", y="value", color="black", size=5, ax=ax, jitter=0.08)
+        ax.set_title(f"test {metric}", fontsize=10)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(records: list[RunRecord], baseline_label: str | None, out_dir: Path, intro: str,
+                 resamples: int = 2000) -> dict[str, Path]:
+    """runs.csv, summary.csv, summary.md and test_metrics.png in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = read_runs(records)
+    summary = summarise(runs, baseline_label, resamples)
+    paths = {"runs": out_dir / "runs.csv", "summary_csv": out_dir / "summary.csv", "summary_md": out_dir / "summary.md",
+             "test_metrics": out_dir / "test_metrics.png"}
+    runs.to_csv(paths["runs"], index=False)
+    summary.to_csv(paths["summary_csv"], index=False)
+    paths["summary_md"].write_text(summary_markdown(summary, runs, baseline_label, intro))
+    plot_test_metrics(runs, paths["test_metrics"])
+    return paths
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders trained with eval_test")
+    parser.add_argument("--label-by", default="loss", help="config key that groups runs into configurations")
+    parser.add_argument("--baseline", help="label of the baseline group (e.g. infonce)")
+    parser.add_argument("--out", type=Path, default=Path("summary"))
+    parser.add_argument("--resamples", type=int, default=2000)
+    args = parser.parse_args(argv)
+    records = []
+    for run_dir in args.runs:
+        saved = RunFolder(run_dir).saved_config()
+        if saved is None:
+            raise UserError(f"{run_dir}: not a finished run with test results (train with --eval-test)")
+        label = saved.to_mapping().get(args.label_by, run_dir.name)
+        records.append(RunRecord(run_dir, str(label), saved.seed))
+    paths = write_report(records, args.baseline, args.out, f"# Test results of {len(records)} runs", args.resamples)
+    print("\n".join(str(p) for p in paths.values()))
+    return 0

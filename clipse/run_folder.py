@@ -1,0 +1,214 @@
+"""The run folder: its layout, the result of a run, safe writes and reads, and the resume checks.
+
+One folder per run (``docs/run-folder.md``)::
+
+    config.yaml      the resolved settings
+    training.csv     one row per logged step
+    epochs.csv       one row per epoch
+    last.pt          checkpoint after the latest epoch (model, optimizer, counters)
+    best.pt          checkpoint of the best validation epoch
+    result.json      the run's outcome (``TrainResult``), written when it ends
+    test_ranks.npz   per-query test ranks (with ``eval_test``), for paired bootstraps
+    dynamics.png     a small plot of the run, made for the search's artifacts
+
+Every file is replaced atomically (temporary file, then rename), so a crash leaves the previous
+version. Checkpoints hold only tensors, numbers, strings, lists and dicts, and are read with
+``torch.load(weights_only=True)``: a file that would run code when unpickled is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipse.checkpoints import read_checkpoint
+from clipse.config import TrainConfig, config_yaml, load_config_file
+from clipse.errors import UserError
+from clipse.metrics import RetrievalRanks
+from clipse.paths import ADHOC_RUNS_DIR
+
+# Settings that may change when a run is resumed: they do not change what is computed.
+RESUME_FREE_KEYS = frozenset({"resume", "progress", "threads", "device", "registry", "run_dir", "study", "trial",
+                              "eval_test", "log_every"})
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: str
+    status: str                              # completed | stopped | diverged
+    epochs_done: int
+    best_epoch: int
+    best_value: float                        # of config.select_metric; -inf before any epoch
+    best_metrics: dict[str, float]           # validation metrics of the best epoch
+    last_metrics: dict[str, float]
+    weight_stats: dict[str, float]           # last epoch's means
+    test_metrics: dict[str, float] | None = None
+    diverged_step: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more to train: completed or diverged (a stopped run may be continued)."""
+        return self.status in ("completed", "diverged")
+
+
+# ----------------------------------------------------------------------------------------------
+# safe file operations
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(payload: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def truncate_csv(path: Path, column: str, keep_up_to: int) -> None:
+    """Drop rows written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        rows = [row for row in reader if int(row[column]) <= keep_up_to]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def default_run_dir() -> Path:
+    return ADHOC_RUNS_DIR / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+class RunFolder:
+    """The files of one run; see the module docstring."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config_file = property(lambda self: self.path / "config.yaml")
+    training_csv = property(lambda self: self.path / "training.csv")
+    epochs_csv = property(lambda self: self.path / "epochs.csv")
+    last_checkpoint = property(lambda self: self.path / "last.pt")
+    best_checkpoint = property(lambda self: self.path / "best.pt")
+    result_file = property(lambda self: self.path / "result.json")
+    test_ranks_file = property(lambda self: self.path / "test_ranks.npz")
+    dynamics_png = property(lambda self: self.path / "dynamics.png")
+
+    def run_id(self, study: str) -> str:
+        return f"{study}/{self.path.name}" if study else self.path.name
+
+    # -- settings and resuming ------------------------------------------------------------------
+    def saved_config(self) -> TrainConfig | None:
+        return load_config_file(self.config_file) if self.config_file.exists() else None
+
+    def config_differences(self, config: TrainConfig) -> list[str]:
+        """Settings that differ from the folder's saved config (ignoring the resume-free ones)."""
+        saved = self.saved_config()
+        if saved is None:
+            return []
+        before, now = saved.to_mapping(), config.to_mapping()
+        return [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now
+                if k not in RESUME_FREE_KEYS and before.get(k) != now[k]]
+
+    def start(self, config: TrainConfig) -> TrainResult | None:
+        """Check that ``config`` may train here and write its ``config.yaml``. Returns the
+        result of a run that already finished here (nothing to train), else None."""
+        if not config.resume and (self.last_checkpoint.exists() or self.result_file.exists()):
+            raise UserError(f"{self.path}: already holds a run; pass --resume to continue it or choose another "
+                            "--run-dir")
+        if config.resume:
+            changed = self.config_differences(config)
+            if changed:
+                raise UserError(f"{self.path}: cannot resume with a different configuration ({'; '.join(changed)})")
+            finished = self.result()
+            if finished is not None and finished.finished:
+                return finished
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_file, config_yaml(config))
+        return None
+
+    def rewind(self, epoch: int, step: int) -> None:
+        """Forget rows written after the checkpoint a run resumes from."""
+        truncate_csv(self.training_csv, "step", step)
+        truncate_csv(self.epochs_csv, "epoch", epoch)
+
+    # -- rows -----------------------------------------------------------------------------------
+    def append_steps(self, rows: list[dict]) -> None:
+        append_csv(self.training_csv, rows)
+
+    def append_epoch(self, row: dict) -> None:
+        append_csv(self.epochs_csv, [row])
+
+    def epoch_rows(self) -> list[dict[str, str]]:
+        return read_csv(self.epochs_csv)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_last(self, payload: dict) -> None:
+        atomic_torch_save(payload, self.last_checkpoint)
+
+    def save_best(self, payload: dict) -> None:
+        atomic_torch_save(payload, self.best_checkpoint)
+
+    def load_last(self, map_location) -> dict | None:
+        return read_checkpoint(self.last_checkpoint, map_location) if self.last_checkpoint.exists() else None
+
+    def load_best_weights(self, map_location) -> dict:
+        return read_checkpoint(self.best_checkpoint, map_location)["state_dict"]
+
+    # -- outcome --------------------------------------------------------------------------------
+    def save_result(self, result: TrainResult) -> None:
+        atomic_write_text(self.result_file, json.dumps(dataclasses.asdict(result), indent=2, allow_nan=True))
+
+    def result(self) -> TrainResult | None:
+        if not self.result_file.exists():
+            return None
+        return TrainResult(**json.loads(self.result_file.read_text()))
+
+    def save_test_ranks(self, ranks: RetrievalRanks) -> None:
+        tmp = self.path / "test_ranks.tmp.npz"
+        np.savez(tmp, **dataclasses.asdict(ranks))
+        os.replace(tmp, self.test_ranks_file)
+
+    def test_ranks(self) -> RetrievalRanks:
+        with np.load(self.test_ranks_file) as data:
+            return RetrievalRanks(**{k: data[k] for k in data.files})

@@ -1,0 +1,85 @@
+"""A PostgreSQL password never leaves the coordinator's memory and environment: not in what
+clipse prints, not in any file it writes (run folders, registry, SLURM job scripts and the
+pickles submitit writes), not in study or trial attributes. It reaches the workers through
+PGPASSWORD; PGPASSWORD and a pgpass file work without a password in the URL."""
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from clipse.study import count_trials
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+        "--batch-size", "16", "--epochs", "1"]
+
+
+def search(tmp_path, storage, *extra, env=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PGPASS")}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "clipse.search", "--space", "baseline", "--trials", "2",
+                           "--studies-dir", str(tmp_path / "studies"), "--data-root", str(tmp_path / "shapes"),
+                           "--storage", storage, *TINY, *extra], capture_output=True, text=True, cwd=tmp_path,
+                          env=environment, timeout=600)
+
+
+def assert_nowhere(password, tmp_path, result, url):
+    assert password not in result.stdout + result.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written
+    for path in written:
+        assert password.encode() not in path.read_bytes(), path
+    study = optuna.load_study(study_name="baseline", storage=url.replace("@", f":{password}@", 1))
+    attrs = json.dumps([study.user_attrs] + [[t.user_attrs, t.system_attrs] for t in study.get_trials()],
+                       default=str)
+    assert password not in attrs
+    return study
+
+
+def with_password(url, password):
+    return url.replace("@", f":{password}@", 1)
+
+
+def test_password_in_the_url_is_kept_out_of_everything(postgres_secret, tmp_path):
+    url, password = postgres_secret
+    result = search(tmp_path, with_password(url, password), "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"optuna-dashboard {url} " in result.stdout  # the printed command, without the password
+    study = assert_nowhere(password, tmp_path, result, url)
+    assert count_trials(study).finished == 2
+    assert len({t.user_attrs["clipse:owner"]["pid"] for t in study.get_trials()}) == 2  # workers connected
+
+
+def test_the_password_is_really_required_and_pgpassword_or_pgpass_supply_it(postgres_secret, tmp_path):
+    url, password = postgres_secret
+    refused = search(tmp_path / "none", url)
+    assert refused.returncode == 2 and "cannot open" in refused.stderr and "Traceback" not in refused.stderr
+    by_env = search(tmp_path / "env", url, "--study", "by-env", env={"PGPASSWORD": password})
+    assert by_env.returncode == 0, by_env.stderr
+    pgpass = tmp_path / "pgpass"
+    host_port, database = url.split("@", 1)[1].split("/")
+    user = url.split("//", 1)[1].split("@")[0]
+    pgpass.write_text(f"{host_port}:{database}:{user}:{password}\n")
+    pgpass.chmod(0o600)
+    by_file = search(tmp_path / "file", url, "--study", "by-file", env={"PGPASSFILE": str(pgpass)})
+    assert by_file.returncode == 0, by_file.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_job_files_hold_no_password(postgres_secret, slurm_cluster, tmp_path):
+    url, password = postgres_secret
+    result = search(tmp_path, with_password(url, password), "--executor", "slurm", "--cpus-per-task", "1",
+                    "--mem-gb", "2", "--slurm-poll", "1", "--time-min", "20")
+    assert result.returncode == 0, result.stderr
+    job_files = list((tmp_path / "studies" / "baseline" / "slurm").rglob("*"))
+    assert any(p.name.endswith("_submission.sh") for p in job_files)
+    assert any(p.suffix == ".pkl" for p in job_files)
+    study = assert_nowhere(password, tmp_path, result, url)
+    assert count_trials(study).complete == 2
+    assert all(t.user_attrs["clipse:owner"]["kind"] == "slurm" for t in study.get_trials())

@@ -1,0 +1,116 @@
+"""The executor contract: the same cases on every backend available (inline and local here;
+SLURM when its cluster is up): a task that returns, one that raises, one whose worker is
+killed (lost, and the backend says its worker is gone), and cancel."""
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+
+import executor_tasks
+from clipse.errors import UserError
+from clipse.executors import (CANCELLED, DONE, FAILED, LOST, ExecutorOptions, Resources, SlurmOptions, Task,
+                              executor_from_options)
+
+BACKENDS = ["inline", "local", pytest.param("slurm", marks=[pytest.mark.slurm, pytest.mark.slow])]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path):
+    """(name, make) where make(workers) builds a fresh executor of that backend."""
+    name = request.param
+    if name == "slurm":
+        request.getfixturevalue("slurm_cluster")
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(executor_tasks)  # the jobs cannot import the tests folder
+    resources = Resources(cpus=1, mem_gb=1)
+    slurm = SlurmOptions(poll_s=1, time_min=10)
+
+    def make(workers=2):
+        options = ExecutorOptions(executor=name, workers=1 if name == "inline" else workers, resources=resources,
+                                  slurm=slurm)
+        return executor_from_options(options, tmp_path / "jobs", job_name="contract")
+
+    return name, make
+
+
+def run_to_end(executor, tasks, timeout=300):
+    executor.submit(tasks)
+    deadline = time.time() + timeout
+    while not all(t.finished for t in tasks) and time.time() < deadline:
+        executor.wait([t for t in tasks if not t.finished], 1.0)
+    assert all(t.finished for t in tasks), tasks
+    return tasks
+
+
+def test_tasks_return_their_results_with_the_backends_identity(backend):
+    name, make = backend
+    executor = make()
+    tasks = run_to_end(executor, [Task(executor_tasks.identity, (i,), f"t{i}") for i in range(3)])
+    executor.close()
+    assert [t.state for t in tasks] == [DONE] * 3
+    assert [t.result[0] for t in tasks] == [0, 1, 2]
+    identities = [t.result[1] for t in tasks]
+    assert {i["kind"] for i in identities} == {"slurm" if name == "slurm" else "process"}
+    if name == "inline":
+        assert {i["pid"] for i in identities} == {os.getpid()}
+    else:
+        assert os.getpid() not in {i["pid"] for i in identities}
+    if name == "slurm":
+        assert all(i["job"] == t.info["slurm_job"] for i, t in zip(identities, tasks))
+
+
+def test_a_task_that_raises_fails_with_its_error(backend):
+    _, make = backend
+    executor = make()
+    failed, refused = run_to_end(executor, [Task(executor_tasks.raises, ("boom",)),
+                                            Task(executor_tasks.user_error, ("fix your flags",))])
+    executor.close()
+    assert failed.state == FAILED and "boom" in failed.error and not failed.user_error
+    assert refused.state == FAILED and refused.user_error and refused.error == "fix your flags"
+
+
+def test_a_killed_worker_leaves_its_task_lost_and_is_known_gone(backend):
+    name, make = backend
+    if name == "inline":
+        pytest.skip("an inline task runs in the caller: killing it kills the caller")
+    executor = make()
+    lost, after = run_to_end(executor, [Task(executor_tasks.dies, ()), Task(executor_tasks.identity, ("after",))])
+    assert lost.state == LOST and lost.error
+    assert after.state == DONE and after.result[0] == "after"  # the backend goes on working
+    identity = {"kind": "slurm", "job": lost.info["slurm_job"]} if name == "slurm" else \
+        {"kind": "process", "host": platform.node(), "pid": lost.info["pid"]}
+    assert executor.worker_gone(identity)
+    alive = after.result[1] if name == "slurm" else {"kind": "process", "host": platform.node(), "pid": os.getpid()}
+    assert executor.worker_gone(alive) is None
+    executor.close()
+
+
+def test_cancel_stops_running_and_queued_tasks(backend, tmp_path):
+    name, make = backend
+    if name == "inline":
+        pytest.skip("an inline task has finished when submit returns: there is nothing to cancel")
+    executor = make(workers=1)
+    marker = tmp_path / "started"
+    tasks = [Task(executor_tasks.sleeps, (600, str(marker))), Task(executor_tasks.identity, ("never",))]
+    executor.submit(tasks)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline:
+        executor.wait(tasks, 1.0)
+    assert marker.exists()
+    started = time.time()
+    assert executor.cancel(tasks) is True
+    assert [t.state for t in tasks] == [CANCELLED, CANCELLED]
+    assert time.time() - started < 60
+    if name == "local":  # the worker process is gone
+        pid = int(Path(marker).read_text())
+        assert executor.worker_gone({"kind": "process", "host": platform.node(), "pid": pid})
+    executor.close()
+
+
+def test_inline_refuses_several_workers(tmp_path):
+    with pytest.raises(UserError, match="--executor inline runs one at a time"):
+        executor_from_options(ExecutorOptions(executor="inline", workers=2), tmp_path)
