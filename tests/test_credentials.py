@@ -3,6 +3,7 @@ clipse prints, not in any file it writes (run folders, registry, SLURM job scrip
 pickles submitit writes), not in study or trial attributes. It reaches the workers through
 PGPASSWORD; PGPASSWORD and a pgpass file work without a password in the URL."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import optuna
 import pytest
 
+from clipse.errors import UserError
+from clipse.search import SearchOptions, run_search
 from clipse.study import count_trials
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -19,11 +22,9 @@ TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-te
         "--batch-size", "16", "--epochs", "1"]
 
 
-def search(tmp_path, storage, *extra, env=None):
-    tmp_path.mkdir(parents=True, exist_ok=True)
+def search(tmp_path, storage, trials, *extra):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PGPASS")}
-    environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "clipse.search", "--space", "baseline", "--trials", "2",
+    return subprocess.run([sys.executable, "-m", "clipse.search", "--space", "baseline", "--trials", str(trials),
                            "--studies-dir", str(tmp_path / "studies"), "--data-root", str(tmp_path / "shapes"),
                            "--storage", storage, *TINY, *extra], capture_output=True, text=True, cwd=tmp_path,
                           env=environment, timeout=600)
@@ -48,7 +49,7 @@ def with_password(url, password):
 
 def test_password_in_the_url_is_kept_out_of_everything(postgres_secret, tmp_path):
     url, password = postgres_secret
-    result = search(tmp_path, with_password(url, password), "--workers", "2")
+    result = search(tmp_path, with_password(url, password), 2, "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert f"optuna-dashboard {url} " in result.stdout  # the printed command, without the password
     study = assert_nowhere(password, tmp_path, result, url)
@@ -56,30 +57,38 @@ def test_password_in_the_url_is_kept_out_of_everything(postgres_secret, tmp_path
     assert len({t.user_attrs["clipse:owner"]["pid"] for t in study.get_trials()}) == 2  # workers connected
 
 
-def test_the_password_is_really_required_and_pgpassword_or_pgpass_supply_it(postgres_secret, tmp_path):
+def test_the_password_is_really_required_and_pgpassword_or_pgpass_supply_it(postgres_secret, tmp_path,
+                                                                              monkeypatch):
     url, password = postgres_secret
-    refused = search(tmp_path / "none", url)
-    assert refused.returncode == 2 and "cannot open" in refused.stderr and "Traceback" not in refused.stderr
-    by_env = search(tmp_path / "env", url, "--study", "by-env", env={"PGPASSWORD": password})
-    assert by_env.returncode == 0, by_env.stderr
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.delenv("PGPASSFILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    options = SearchOptions(space="baseline", trials=1, storage=url, studies_dir=tmp_path / "studies",
+                            training={"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12,
+                                      "batch_size": 16, "epochs": 1, "data_root": str(tmp_path / "shapes")})
+    with pytest.raises(UserError, match="cannot open"):
+        run_search(options)
+    monkeypatch.setenv("PGPASSWORD", password)
+    assert run_search(dataclasses.replace(options, study="by-env")).counts.complete == 1
+    monkeypatch.delenv("PGPASSWORD")
     pgpass = tmp_path / "pgpass"
     host_port, database = url.split("@", 1)[1].split("/")
     user = url.split("//", 1)[1].split("@")[0]
     pgpass.write_text(f"{host_port}:{database}:{user}:{password}\n")
     pgpass.chmod(0o600)
-    by_file = search(tmp_path / "file", url, "--study", "by-file", env={"PGPASSFILE": str(pgpass)})
-    assert by_file.returncode == 0, by_file.stderr
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    assert run_search(dataclasses.replace(options, study="by-file")).counts.complete == 1
 
 
 @pytest.mark.slurm
 def test_slurm_job_files_hold_no_password(postgres_secret, slurm_cluster, tmp_path):
     url, password = postgres_secret
-    result = search(tmp_path, with_password(url, password), "--executor", "slurm", "--cpus-per-task", "1",
+    result = search(tmp_path, with_password(url, password), 1, "--executor", "slurm", "--cpus-per-task", "1",
                     "--mem-gb", "2", "--slurm-poll", "1", "--time-min", "20")
     assert result.returncode == 0, result.stderr
     job_files = list((tmp_path / "studies" / "baseline" / "slurm").rglob("*"))
     assert any(p.name.endswith("_submission.sh") for p in job_files)
     assert any(p.suffix == ".pkl" for p in job_files)
     study = assert_nowhere(password, tmp_path, result, url)
-    assert count_trials(study).complete == 2
+    assert count_trials(study).complete == 1
     assert all(t.user_attrs["clipse:owner"]["kind"] == "slurm" for t in study.get_trials())

@@ -201,7 +201,7 @@ SLOW_TRIAL = ["--shapes-train-images", "400", "--epochs", "3"]  # long enough to
 
 @pytest.mark.slow
 def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
-    args = search_args(tmp_path, "baseline", 2, "--pruner", "none", *SLOW_TRIAL)
+    args = search_args(tmp_path, "baseline", 1, "--pruner", "none", *SLOW_TRIAL)
     process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
@@ -219,7 +219,7 @@ def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     study = load_study(tmp_path, "baseline")
     counts = count_trials(study)
-    assert counts.complete == 2 and counts.running == 0
+    assert counts.complete == 1 and counts.running == 0
     retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == interrupted.number)
     assert retry.state == TrialState.COMPLETE and retry.params == interrupted.params
     assert retry.user_attrs["run_dir"] == interrupted.user_attrs["run_dir"]  # resumed the same run folder
@@ -232,7 +232,7 @@ def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
 def test_killed_coordinator_then_rerun_recovers(tmp_path):
     """kill -9 of an inline search: its trial stays RUNNING with a dead pid on this host; the
     next run fails it at once and retries it from its checkpoint."""
-    args = search_args(tmp_path, "baseline", 2, "--pruner", "none", *SLOW_TRIAL)
+    args = search_args(tmp_path, "baseline", 1, "--pruner", "none", *SLOW_TRIAL)
     process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
@@ -245,12 +245,12 @@ def test_killed_coordinator_then_rerun_recovers(tmp_path):
     first = study.get_trials()[0]
     assert first.state == TrialState.FAIL and "is gone" in first.system_attrs[LOST_ATTR]
     counts = count_trials(study)
-    assert counts.complete == 2 and counts.running == 0 and counts.failed == 0
+    assert counts.complete == 1 and counts.running == 0 and counts.failed == 0
 
 
 @pytest.mark.slow
 def test_sigkilled_local_worker_is_replaced_and_its_trial_retried(tmp_path):
-    args = search_args(tmp_path, "baseline", 3, "--pruner", "none", "--workers", "2", *SLOW_TRIAL)
+    args = search_args(tmp_path, "baseline", 2, "--pruner", "none", "--workers", "2", *SLOW_TRIAL)
     process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
@@ -260,7 +260,7 @@ def test_sigkilled_local_worker_is_replaced_and_its_trial_retried(tmp_path):
     os.kill(worker_pid, signal.SIGKILL)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    assert_first_trial_retried(load_study(tmp_path, "baseline"), total=3)
+    assert_first_trial_retried(load_study(tmp_path, "baseline"), total=2)
 
 
 def _free_port() -> int:

@@ -63,15 +63,15 @@ def test_trials_run_as_a_job_array_with_fake_gpus(slurm_cluster, tmp_path):
 
 
 def test_refused_submission_is_one_line_and_loses_nothing(slurm_cluster, tmp_path):
-    refused = run(tmp_path, *args_for(tmp_path, "baseline", 2, "--gpus-per-node", "4"))
+    refused = run(tmp_path, *args_for(tmp_path, "baseline", 1, "--gpus-per-node", "4"))
     assert refused.returncode == 2
     lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "SLURM refused the submission" in lines[0]
     assert "Requested node configuration is not available" in lines[0] and "Traceback" not in refused.stderr
     assert len(load_study(tmp_path, "baseline").get_trials()) == 0
-    again = run(tmp_path, *args_for(tmp_path, "baseline", 2))  # the study is intact and usable
+    again = run(tmp_path, *args_for(tmp_path, "baseline", 1))  # the study is intact and usable
     assert again.returncode == 0, again.stderr
-    assert count_trials(load_study(tmp_path, "baseline")).complete == 2
+    assert count_trials(load_study(tmp_path, "baseline")).complete == 1
 
 
 def test_sqlite_storage_is_refused_for_slurm(slurm_cluster, tmp_path):
