@@ -39,7 +39,8 @@ from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.progress import format_duration
 from clipse.report.dynamics import plot_runs
 from clipse.report.search_plots import plot_history, plot_importances
-from clipse.report.summary import RunRecord, summary_verdicts, write_report
+from clipse.report.statistics import summary_verdicts
+from clipse.report.summary import RunRecord, write_report
 from clipse.run_folder import RunFolder
 from clipse.spaces import SearchSpace
 from clipse.study import is_rdb_url, open_storage, secure_storage, stored_settings, study_names

@@ -96,6 +96,33 @@ def metrics_from_ranks(ranks: RetrievalRanks, image_counts: np.ndarray | None = 
     return {key: metrics[key] for key in METRIC_KEYS}
 
 
+MEDIAN_KEYS = ("i2t_mr", "t2i_mr")
+
+
+def resampled_metrics(ranks: RetrievalRanks, image_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """``metrics_from_ranks`` for many resamples at once: ``image_counts`` is (R, N), one row of
+    image weights per resample; returns every metric but the median ranks as an (R,) array.
+    Each is a weighted mean, so a resample is one matrix product."""
+    counts = np.asarray(image_counts, float)
+    n_images = len(ranks.i2t_best_rank)
+    per_image_captions = np.bincount(ranks.caption_image, minlength=n_images)
+    caption_weight = counts @ per_image_captions
+
+    def over_captions(values: np.ndarray) -> np.ndarray:
+        return counts @ np.bincount(ranks.caption_image, weights=values, minlength=n_images) / caption_weight
+
+    total = counts.sum(axis=1)
+    out = {}
+    for k in RECALL_KS:
+        out[f"i2t_r{k}"] = counts @ (ranks.i2t_best_rank <= k) / total
+        out[f"t2i_r{k}"] = over_captions((ranks.t2i_rank <= k).astype(float))
+    out["i2t_map10"] = counts @ ranks.i2t_ap10 / total
+    out["t2i_map10"] = over_captions(np.where(ranks.t2i_rank <= MAP_DEPTH, 1.0 / ranks.t2i_rank, 0.0))
+    out["r1_mean"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
+    return {key: out[key] for key in METRIC_KEYS if key not in MEDIAN_KEYS}
+
+
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image_index) -> dict[str, float]:
     """The public API: metrics for N images and C captions; ``caption_image_index[k]`` is the row
     of caption k's image. Recalls are fractions in [0, 1]; MR is a (possibly .5) median rank."""

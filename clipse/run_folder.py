@@ -167,10 +167,18 @@ class RunFolder:
         atomic_write_text(self.config_file, config_yaml(config))
         return None
 
-    def rewind(self, epoch: int, step: int) -> None:
-        """Forget rows written after the checkpoint a run resumes from."""
+    def rewind(self, epoch: int, step: int, pending: dict | None = None) -> None:
+        """Make the CSVs agree with the checkpoint a run resumes from (epoch, step): drop rows
+        written after it, and write its own rows (``pending``, kept in the checkpoint) where a
+        crash came between saving the checkpoint and appending them."""
         truncate_csv(self.training_csv, "step", step)
         truncate_csv(self.epochs_csv, "epoch", epoch)
+        if not pending:
+            return
+        last_step = max((int(row["step"]) for row in read_csv(self.training_csv)), default=0)
+        self.append_steps([row for row in pending["steps"] if row["step"] > last_step])
+        if max((int(row["epoch"]) for row in self.epoch_rows()), default=0) < epoch:
+            self.append_epoch(pending["epoch"])
 
     # -- rows -----------------------------------------------------------------------------------
     def append_steps(self, rows: list[dict]) -> None:

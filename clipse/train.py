@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         best_value, best_epoch, best_metrics = state["best_value"], state["best_epoch"], state["best_metrics"]
         last_metrics, weight_means = state["last_metrics"], state["weight_stats"]
         log.info("%s: resuming after epoch %d (step %d)", folder.path, start_epoch, global_step)
-    folder.rewind(start_epoch, global_step)
+    folder.rewind(start_epoch, global_step, state["rows"] if state is not None else None)
 
     status, diverged_step, epochs_done = "completed", None, start_epoch
     model.train()
@@ -201,11 +202,10 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         metrics, _ = evaluate_split(model, val_data, normalize, autocast)
         weight_means = {key: total / len(batches) for key, total in stat_sums.items()}
         last_metrics = {f"val_{key}": value for key, value in metrics.items()}
-        epoch_row = {"epoch": epoch + 1, "train_loss": loss_sum / len(batches), **last_metrics,
-                     "samples_per_s": n_pairs / train_seconds, "seconds": time.perf_counter() - epoch_started,
-                     **weight_means}
-        folder.append_steps(step_rows)
-        folder.append_epoch(epoch_row)
+        epoch_metrics = {"train_loss": loss_sum / len(batches), **last_metrics,
+                         "samples_per_s": n_pairs / train_seconds, "seconds": time.perf_counter() - epoch_started,
+                         **weight_means}
+        epoch_row = {"epoch": epoch + 1, **epoch_metrics, "trained_by_pid": os.getpid()}
         if last_metrics[select_key] > best_value:
             best_value, best_epoch, best_metrics = last_metrics[select_key], epoch + 1, dict(last_metrics)
             folder.save_best({"state_dict": model.state_dict(), "epoch": epoch + 1, "metrics": best_metrics,
@@ -216,14 +216,16 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
             "seconds": prior_seconds + time.perf_counter() - started,
             "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
             "last_metrics": last_metrics, "weight_stats": weight_means, "config": config.to_mapping(),
+            "rows": {"steps": step_rows, "epoch": epoch_row},  # rewritten on resume if the crash beat them
         })
+        folder.append_steps(step_rows)  # after the checkpoint: a row announces a saved epoch
+        folder.append_epoch(epoch_row)
         epochs_done = epoch + 1
         if config.progress:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {epoch_row['train_loss']:.4f}  "
                        f"{select_key} {last_metrics[select_key]:.4f}  (best {best_value:.4f} @ {best_epoch})  "
                        f"{epoch_row['samples_per_s']:.0f} samples/s  {epoch_row['seconds']:.1f} s", file=sys.stderr)
-        report = EpochReport(epoch + 1, config.epochs, {k: v for k, v in epoch_row.items() if k != "epoch"},
-                             weight_means, folder.path)
+        report = EpochReport(epoch + 1, config.epochs, epoch_metrics, weight_means, folder.path)
         if any([bool(callback(report)) for callback in callbacks]):
             status = "stopped"
             break

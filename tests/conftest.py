@@ -37,11 +37,51 @@ def tiny(tmp_path):
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def skip_or_fail(reason: str):
-    """Without a service its tests skip, except where CI demands the services (.ci/run)."""
-    if os.environ.get("CLIPSE_REQUIRE_SERVICES"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+@pytest.fixture
+def diverging_loss(monkeypatch):
+    """Registers the loss ``diverges``: InfoNCE whose value turns NaN at step ``diverge_at``."""
+    import dataclasses
+
+    from clipse.losses import LOSSES, loss_param
+    from clipse.losses.infonce import InfoNCE
+
+    steps = [0]
+
+    @dataclasses.dataclass(frozen=True)
+    class DivergesAt(InfoNCE):
+        diverge_at: int = loss_param(5, "the step (counted in this process) at which the loss turns NaN")
+        name = "diverges"
+
+        def __call__(self, image_emb, text_emb, scale):
+            steps[0] += 1
+            loss, stats = super().__call__(image_emb, text_emb, scale)
+            return (loss * float("nan"), stats) if steps[0] == self.diverge_at else (loss, stats)
+
+    monkeypatch.setitem(LOSSES, DivergesAt.name, DivergesAt)
+    return DivergesAt
+
+
+MISSING_SERVICES: dict[str, str] = {}
+
+
+def services_required() -> bool:
+    """CLIPSE_REQUIRE_SERVICES=1 (as .ci/run sets it): a missing service fails its tests."""
+    return os.environ.get("CLIPSE_REQUIRE_SERVICES", "0").strip() not in ("", "0")
+
+
+def skip_or_fail(service: str, reason: str):
+    """Without a service its tests skip, and the run's summary says so, unless services are required."""
+    if services_required():
+        pytest.fail(f"{service}: {reason}")
+    MISSING_SERVICES[service] = reason
+    pytest.skip(f"{service}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MISSING_SERVICES:
+        terminalreporter.write_line(
+            "services missing, so their tests were skipped: "
+            + "; ".join(f"{name} ({reason})" for name, reason in MISSING_SERVICES.items()), yellow=True, bold=True)
 
 
 def _slurm_answers(env) -> bool:
@@ -65,7 +105,7 @@ def slurm_cluster(tmp_path_factory):
         yield os.environ["SLURM_CONF"]
         return
     if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")) or os.geteuid() != 0:
-        skip_or_fail("SLURM is not installed (scripts/slurm_cluster.sh install, as root)")
+        skip_or_fail("SLURM", "not installed, or not root (scripts/slurm_cluster.sh install, as root)")
     script = PROJECT / "scripts" / "slurm_cluster.sh"
     import tempfile
 
@@ -99,7 +139,7 @@ def postgres_server():
 
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     if not bins or os.geteuid() != 0 or not shutil.which("runuser"):
-        skip_or_fail("PostgreSQL server binaries are not installed (apt install postgresql)")
+        skip_or_fail("PostgreSQL", "server binaries not installed, or not root (apt install postgresql)")
     bin_dir = bins[-1]
     folder = tempfile.mkdtemp(prefix="clipse-pg-", dir="/tmp")
     shutil.chown(folder, "postgres", "postgres")

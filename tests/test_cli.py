@@ -124,7 +124,7 @@ def _append_many(path, worker):
 @pytest.mark.slow
 def test_registry_survives_concurrent_appends(tmp_path):
     path = tmp_path / "registry.csv"
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")  # separate processes, without importing torch again
     workers = [context.Process(target=_append_many, args=(str(path), w)) for w in range(4)]
     for w in workers:
         w.start()
@@ -134,3 +134,14 @@ def test_registry_survives_concurrent_appends(tmp_path):
     assert list(table.columns) == REGISTRY_COLUMNS
     assert len(table) == 100 and table["run_id"].is_unique
     assert (table["params"] == '{"a, b": "x\\ny"}').all()
+
+
+@pytest.mark.parametrize("value,required", [("1", True), ("0", False), ("", False), (None, False)])
+def test_require_services_means_what_it_says(monkeypatch, value, required):
+    from conftest import services_required
+
+    if value is None:
+        monkeypatch.delenv("CLIPSE_REQUIRE_SERVICES", raising=False)
+    else:
+        monkeypatch.setenv("CLIPSE_REQUIRE_SERVICES", value)
+    assert services_required() is required

@@ -274,3 +274,26 @@ def test_topical_from_captions_auto_k():
     sampler = TopicalBatchSampler.from_captions(captions, batch_size=8, seed=0)
     assert sampler.n_clusters == 300 // 32
     assert sorted(np.concatenate(sampler.batches(0)).tolist()) == list(range(300))
+
+
+def _within_batch_similarity(captions: list[str], batches: list[np.ndarray]) -> float:
+    """Mean cosine similarity of the TF-IDF rows of two captions in one batch."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    rows = TfidfVectorizer().fit_transform(captions).toarray()
+    means = []
+    for batch in batches:
+        block = rows[batch] @ rows[batch].T
+        means.append((block.sum() - np.trace(block)) / (len(batch) * (len(batch) - 1)))
+    return float(np.mean(means))
+
+
+def test_topical_batches_from_captions_are_more_homogeneous_than_random_ones():
+    rng = np.random.default_rng(0)
+    colours, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle", "cross")
+    places = ("top left", "bottom right", "centre", "top", "bottom")
+    captions = [f"a {rng.choice(['small', 'large'])} {rng.choice(colours)} {rng.choice(shapes)} in the "
+                f"{rng.choice(places)}" for _ in range(640)]
+    topical = TopicalBatchSampler.from_captions(captions, batch_size=16, seed=0).batches(0)
+    random = random_batches(len(captions), 16, seed=0, epoch=0)
+    assert _within_batch_similarity(captions, topical) > 1.5 * _within_batch_similarity(captions, random)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from clipse.executors import ExecutorOptions
 from clipse.objective import StudyRef
 from clipse.search import SearchOptions, TrialWorkload, run_search
 from clipse.search import main as search_main
-from clipse.study import LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage
+from clipse.study import (HEARTBEAT_ATTR, LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage,
+                          retry_lost_trial, sweep_lost_trials)
 
 from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for, was_retried
 
@@ -181,6 +183,77 @@ def test_stopping_a_session_honours_max_retries(tmp_path, max_retries, retried):
     assert was_retried(study, trials[0]) is retried
     if retried:
         assert trials[2].state == TrialState.WAITING and trials[2].params == trials[0].params
+
+
+def _study_with_running_trials(tmp_path, *owners_and_beats):
+    """A journal study whose RUNNING trials have the given (owner, seconds since last heartbeat)."""
+    study = optuna.create_study(study_name="s", storage=open_storage(str(tmp_path / "journal.log")),
+                                direction="maximize")
+    for owner, age in owners_and_beats:
+        trial = study.ask()
+        trial.suggest_float("lr", 0.1, 1.0)
+        trial.set_user_attr(OWNER_ATTR, owner)
+        trial.set_user_attr(HEARTBEAT_ATTR, time.time() - age)
+    return study
+
+
+def test_a_stale_heartbeat_marks_a_trial_lost_and_a_fresh_one_does_not(tmp_path):
+    elsewhere = {"kind": "process", "host": "another-host", "pid": 1, "session": "s"}  # no pid to check here
+    study = _study_with_running_trials(tmp_path, (elsewhere, 1000.0), (elsewhere, 5.0))
+    assert sweep_lost_trials(study, grace_s=120, worker_gone=lambda owner: None, max_retries=2) == [0]
+    stale, fresh, retry = study.get_trials()
+    assert stale.state == TrialState.FAIL and stale.system_attrs[LOST_ATTR].startswith("no heartbeat for")
+    assert fresh.state == TrialState.RUNNING
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == 0 and retry.params == stale.params
+
+
+def test_a_trial_out_of_retries_fails_for_good(tmp_path):
+    study = _study_with_running_trials(tmp_path, ({"kind": "process", "host": "h", "pid": 1, "session": "s"}, 0))
+    lost = study.get_trials()[0]
+    for attempt, retried in ((1, True), (2, True), (3, False)):  # --max-retries 2: two retries, then no more
+        assert retry_lost_trial(study, lost, "lost in a test", max_retries=2)
+        assert was_retried(study, lost) is retried
+        if not retried:
+            break
+        lost = study.ask()  # the retry runs, and is lost in turn
+        assert lost.user_attrs["attempt"] == attempt + 1
+        lost = next(t for t in study.get_trials() if t.number == lost.number)
+    counts = count_trials(study)
+    assert counts.failed == 1 and counts.waiting == 0 and len(study.get_trials()) == 3
+
+
+@pytest.mark.slow
+def test_the_median_pruner_stops_hopeless_trials(tmp_path):
+    space = tmp_path / "hopeless.yaml"
+    space.write_text("params:\n  lr: {type: categorical, choices: [1.0e-9, 2.0e-3]}\n")  # 1e-9 learns nothing
+    run_search(options(tmp_path, str(space), 9, sampler="random", seed=4, training={"epochs": 3}))
+    trials = load_study(tmp_path, "hopeless").get_trials()
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.user_attrs["epochs_done"] < 3 and t.params["lr"] == 1e-9 for t in pruned)
+    assert all(t.user_attrs["epochs_done"] == 3 for t in trials if t.state == TrialState.COMPLETE)
+
+
+@pytest.mark.slow
+def test_a_study_whose_space_file_changed_is_refused(tmp_path):
+    space = tmp_path / "mine.yaml"
+    space.write_text("params:\n  lr: {type: float, low: 1.0e-3, high: 3.0e-3}\n")
+    run_search(options(tmp_path, str(space), 1, training={"epochs": 1}))
+    space.write_text("params:\n  lr: {type: float, low: 1.0e-3, high: 4.0e-3}\n")
+    with pytest.raises(UserError, match=r"search space .*mine.yaml changed since the study was created"):
+        run_search(options(tmp_path, str(space), 2, training={"epochs": 1}))
+    assert len(load_study(tmp_path, "mine").get_trials()) == 1
+
+
+@pytest.mark.slow
+def test_a_diverged_trial_returns_its_best_value_before_the_divergence(tmp_path, diverging_loss):
+    space = tmp_path / "diverging.yaml"
+    # 240 pairs in batches of 16: 15 steps an epoch, so step 20 is in epoch 2
+    space.write_text("fixed: {loss: diverges, diverge_at: 20}\nparams:\n  lr: {type: float, low: 1.0e-3, high: 3.0e-3}\n")
+    result = run_search(options(tmp_path, str(space), 1, training={"epochs": 3}))
+    trial = load_study(tmp_path, "diverging").get_trials()[0]
+    assert trial.state == TrialState.COMPLETE and result.counts.complete == 1
+    assert trial.user_attrs["status"] == "diverged" and trial.user_attrs["diverged_step"] == 20
+    assert list(trial.intermediate_values) == [1] and trial.value == trial.intermediate_values[1] > 0
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
@@ -91,11 +92,15 @@ def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
     assert retry.user_attrs["slurm_job_id"] != lost.user_attrs["slurm_job_id"]
 
 
-def test_requeued_job_resumes_its_trial(slurm_cluster, tmp_path):
+@pytest.mark.parametrize("how", ["scontrol requeue", "SIGUSR2 before the time limit"])
+def test_a_requeued_job_resumes_its_trial(slurm_cluster, tmp_path, how):
     process = start(tmp_path, *args_for(tmp_path, "baseline", 1, *SLOW))
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
     job = load_study(tmp_path, "baseline").get_trials()[0].user_attrs[OWNER_ATTR]["job"]
-    subprocess.run(["scontrol", "requeue", job], check=True)
+    if how == "scontrol requeue":
+        subprocess.run(["scontrol", "requeue", job], check=True)
+    else:  # what SLURM sends before a time limit (--signal=USR2@90): submitit checkpoints and requeues
+        subprocess.run(["scancel", job, "--signal", "USR2"], check=True)
     # a requeued job waits two minutes before it may start again; once it is pending, start it now
     assert wait_for(lambda: ["PENDING"] in [row[1:] for row in squeue("baseline")], timeout=60)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
@@ -104,21 +109,30 @@ def test_requeued_job_resumes_its_trial(slurm_cluster, tmp_path):
     study = load_study(tmp_path, "baseline")
     trials = study.get_trials()
     assert len(trials) == 1 and trials[0].state == TrialState.COMPLETE  # the same trial, continued
-    rows = (Path(trials[0].user_attrs["run_dir"]) / "epochs.csv").read_text().splitlines()[1:]
-    assert [r.split(",")[0] for r in rows] == ["1", "2", "3"]
+    rows = pd.read_csv(Path(trials[0].user_attrs["run_dir"]) / "epochs.csv")
+    assert rows["epoch"].tolist() == [1, 2, 3]
+    assert rows["trained_by_pid"].nunique() == 2  # the first run of the job, then its requeued run
     restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "Restarts=1" in restarts
 
 
-def test_ctrl_c_cancels_jobs_and_leaves_nothing_running(slurm_cluster, tmp_path):
-    args = args_for(tmp_path, "bandpass", 3, "--workers", "1", *SLOW, "--study", "cancel-me")
-    process = start(tmp_path, *args)
-    assert wait_for(lambda: epochs_done(tmp_path, "cancel-me") >= 1)
+@pytest.mark.parametrize("detach", [False, True], ids=["cancel", "detach"])
+def test_ctrl_c_cancels_the_jobs_or_with_detach_leaves_them_running(slurm_cluster, tmp_path, detach):
+    name = "detached" if detach else "cancel-me"
+    process = start(tmp_path, *args_for(tmp_path, "baseline", 1, *SLOW, "--study", name, *(["--detach"] * detach)))
+    assert wait_for(lambda: epochs_done(tmp_path, name) >= 1)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "none left running. Resume (or watch) with:" in err
-    assert wait_for(lambda: not squeue("cancel-me"), timeout=60)
-    study = load_study(tmp_path, "cancel-me")
-    assert TrialState.RUNNING not in [t.state for t in study.get_trials()]
-    assert was_retried(study, study.get_trials()[0])
+    if not detach:
+        assert "none left running. Resume (or watch) with:" in err
+        assert wait_for(lambda: not squeue(name), timeout=60)
+        study = load_study(tmp_path, name)
+        assert TrialState.RUNNING not in [t.state for t in study.get_trials()]
+        assert was_retried(study, study.get_trials()[0])
+        return
+    assert "1 left running in detached jobs" in err
+    assert squeue(name)  # the job runs on without the coordinator
+    assert wait_for(lambda: count_trials(load_study(tmp_path, name)).complete == 1, timeout=300)
+    study = load_study(tmp_path, name)
+    assert LOST_ATTR not in study.get_trials()[0].system_attrs and not was_retried(study, study.get_trials()[0])

@@ -1,7 +1,6 @@
 """The trainer: outputs, determinism, resume after a kill, divergence, callbacks, schedule."""
 
 import csv
-import dataclasses
 import math
 import os
 import signal
@@ -13,15 +12,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from clipse import train as train_module
 from clipse.config import TrainConfig
 from clipse.errors import UserError
-from clipse.losses import LOSSES
-from clipse.losses.infonce import InfoNCE
+from clipse.run_folder import RunFolder
+from clipse.samplers import TopicalBatchSampler
 from clipse.metrics import METRIC_KEYS
 from clipse.train import build_optimizer, learning_rate, train
+from clipse.train import main as train_main
 
-TIMING_COLUMNS = ["seconds", "samples_per_s"]
+TIMING_COLUMNS = ["seconds", "samples_per_s", "trained_by_pid"]  # all that may differ between identical runs
 
 
 def read_csv(path):
@@ -70,8 +72,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
             "--epochs", "4", "--batch-size", "16", "--no-progress", "--threads", "1",
             "--data-root", str(tmp_path / "shapes"), "--registry", str(tmp_path / "registry.csv")]
     command = [sys.executable, "-m", "clipse.train", *args]
-    clean = subprocess.run(command + ["--run-dir", str(tmp_path / "clean")], capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
+    assert train_main(args + ["--run-dir", str(tmp_path / "clean")]) == 0  # in this process: the same code
 
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(command + ["--run-dir", str(killed_dir)], stdout=subprocess.DEVNULL,
@@ -86,8 +87,15 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert 1 <= done_before < 4, "the kill should land before the run finished"
     assert not (killed_dir / "result.json").exists()
 
-    resumed = subprocess.run(command + ["--run-dir", str(killed_dir), "--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = subprocess.Popen(command + ["--run-dir", str(killed_dir), "--resume"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    # the resumed process trained only the epochs after the checkpoint: a resume, not a restart
+    trained_by = pd.read_csv(epochs_file)["trained_by_pid"].tolist()
+    from_checkpoint = trained_by.count(process.pid)
+    assert trained_by == [process.pid] * from_checkpoint + [resumed.pid] * (4 - from_checkpoint)
+    assert done_before <= from_checkpoint < 4
     a = pd.read_csv(tmp_path / "clean" / "epochs.csv").drop(columns=TIMING_COLUMNS)
     b = pd.read_csv(epochs_file).drop(columns=TIMING_COLUMNS)
     pd.testing.assert_frame_equal(a, b, check_exact=True)  # no repeated or missing epoch, same numbers
@@ -95,6 +103,45 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert steps["step"].is_unique and steps["step"].is_monotonic_increasing
     clean_steps = pd.read_csv(tmp_path / "clean" / "training.csv")
     pd.testing.assert_series_equal(steps["loss"], clean_steps["loss"], check_exact=True)
+
+
+def test_the_checkpoint_is_written_before_the_rows_that_announce_it(tiny, monkeypatch):
+    seen = []
+    original = RunFolder.append_epoch
+
+    def checking(folder, row):
+        seen.append((row["epoch"], torch.load(folder.last_checkpoint, weights_only=True)["epoch"]))
+        original(folder, row)
+
+    monkeypatch.setattr(RunFolder, "append_epoch", checking)
+    train(tiny(epochs=3))
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+
+
+class CrashAfterCheckpoint(Exception):
+    pass
+
+
+def test_a_crash_between_checkpoint_and_rows_is_repaired_on_resume(tiny, tmp_path, monkeypatch):
+    clean = train(tiny(epochs=3, run_dir=str(tmp_path / "clean")))
+    original = RunFolder.append_steps
+
+    def crash_in_epoch_2(folder, rows):
+        if rows and rows[0]["epoch"] == 2:
+            raise CrashAfterCheckpoint
+        original(folder, rows)
+
+    monkeypatch.setattr(RunFolder, "append_steps", crash_in_epoch_2)
+    config = tiny(epochs=3)
+    with pytest.raises(CrashAfterCheckpoint):
+        train(config)
+    assert len(read_csv(Path(config.run_dir) / "epochs.csv")) == 1  # epoch 2 saved, its rows not written
+    monkeypatch.setattr(RunFolder, "append_steps", original)
+    train(config.replace(resume=True))
+    for name in ("epochs.csv", "training.csv"):
+        a = pd.read_csv(Path(clean.run_dir) / name).drop(columns=TIMING_COLUMNS, errors="ignore")
+        b = pd.read_csv(Path(config.run_dir) / name).drop(columns=TIMING_COLUMNS, errors="ignore")
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
 def test_resume_refuses_changed_settings_and_reuses_finished_run(tiny):
@@ -109,26 +156,20 @@ def test_resume_refuses_changed_settings_and_reuses_finished_run(tiny):
     assert len(read_csv(config.registry)) == 1  # nothing trained, no new registry row
 
 
-@dataclasses.dataclass(frozen=True)
-class PoisonedAtStep5(InfoNCE):
-    """InfoNCE whose fifth call returns NaN."""
-
-    name = "poisoned"
-    calls = [0]
-
-    def __call__(self, u, v, s):
-        self.calls[0] += 1
-        loss, stats = super().__call__(u, v, s)
-        return (loss * float("nan"), stats) if self.calls[0] == 5 else (loss, stats)
-
-
-def test_non_finite_loss_ends_as_diverged(tiny, monkeypatch):
-    monkeypatch.setitem(LOSSES, PoisonedAtStep5.name, PoisonedAtStep5)
-    config = tiny(loss="poisoned")
+def test_non_finite_loss_ends_as_diverged(tiny, diverging_loss):
+    config = tiny(loss="diverges", diverge_at=5)
     result = train(config)
     assert result.status == "diverged" and result.diverged_step == 5 and result.epochs_done == 0
     assert read_csv(config.registry)[0]["status"] == "diverged"
     assert all(math.isfinite(float(r["loss"])) for r in read_csv(Path(config.run_dir) / "training.csv"))
+
+
+def test_a_diverged_run_exits_with_status_1(tmp_path, diverging_loss, capsys):
+    code = train_main(["--loss", "diverges", "--diverge-at", "5", "--shapes-train-images", "48", "--shapes-val-images",
+                       "12", "--shapes-test-images", "12", "--batch-size", "16", "--no-progress", "--run-dir",
+                       str(tmp_path / "run"), "--registry", str(tmp_path / "r.csv"), "--data-root",
+                       str(tmp_path / "shapes")])
+    assert code == 1 and "diverged: non-finite loss at step 5" in capsys.readouterr().out
 
 
 def test_callbacks_see_epochs_and_can_stop(tiny):
@@ -148,6 +189,21 @@ def test_eval_test_writes_ranks(tiny):
     result = train(config)
     assert set(result.test_metrics) == {f"test_{k}" for k in METRIC_KEYS}
     assert (Path(config.run_dir) / "test_ranks.npz").is_file()
+
+
+def test_the_trainer_trains_on_topical_batches(tiny, tmp_path, monkeypatch):
+    served, random_calls = [], []
+    original_topical, original_random = TopicalBatchSampler.batches, train_module.random_batches
+    monkeypatch.setattr(TopicalBatchSampler, "batches",
+                        lambda self, epoch: served.append(epoch) or original_topical(self, epoch))
+    monkeypatch.setattr(train_module, "random_batches",
+                        lambda *args: random_calls.append(args) or original_random(*args))
+    topical = train(tiny(topical_batching=True, epochs=2, run_dir=str(tmp_path / "topical")))
+    assert set(served) == {0, 1} and not random_calls
+    plain = train(tiny(epochs=2, run_dir=str(tmp_path / "plain")))
+    assert random_calls
+    losses = [pd.read_csv(Path(r.run_dir) / "training.csv")["loss"] for r in (topical, plain)]
+    assert not losses[0].equals(losses[1])
 
 
 def test_alpha_warmup_ramps_strength(tiny):
@@ -176,15 +232,48 @@ def test_no_weight_decay_on_gains_biases_and_logit_scale():
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
 
 
-def test_locked_towers_are_not_trained(tiny):
-    config = tiny(lock_image=True, epochs=1)
+@pytest.mark.parametrize("tower,prefix,other", [("lock_image", "visual.", "transformer."),
+                                                 ("lock_text", "transformer.", "visual.")])
+def test_a_locked_tower_is_not_trained_and_the_other_is(tiny, tower, prefix, other):
+    config = tiny(epochs=1, **{tower: True})
     from clipse.models import create_model
     torch.manual_seed(config.seed)  # the trainer seeds, then creates the model
-    before = create_model("clipse-tiny", init_temperature=config.init_temperature).model.visual.state_dict()
+    before = create_model("clipse-tiny", init_temperature=config.init_temperature).model.state_dict()
     train(config)
     after = torch.load(Path(config.run_dir) / "last.pt", weights_only=True)["state_dict"]
-    for key, value in before.items():
-        assert torch.equal(after[f"visual.{key}"], value), key
+    locked = [key for key in before if key.startswith(prefix)]
+    trained = [key for key in before if key.startswith(other)]
+    assert locked and trained
+    assert all(torch.equal(after[key], before[key]) for key in locked)
+    assert not all(torch.equal(after[key], before[key]) for key in trained)
+
+
+def test_the_logit_scale_stays_clamped_at_100(tiny):
+    """A temperature of 0.001 (scale 1000) starts far above the clamp; training holds it at ln 100."""
+    config = tiny(epochs=1, init_temperature=0.001)
+    train(config)
+    scale = torch.load(Path(config.run_dir) / "last.pt", weights_only=True)["state_dict"]["logit_scale"]
+    assert scale.item() <= math.log(100) + 1e-6
+    temperatures = pd.read_csv(Path(config.run_dir) / "training.csv")["temperature"]
+    assert (temperatures >= 0.01 - 1e-9).all()
+
+
+def test_gradients_are_clipped_to_grad_clip(tiny):
+    norms = []
+
+    def measure(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(measure)
+    try:
+        config = tiny(epochs=1, grad_clip=0.05)
+        train(config)
+    finally:
+        handle.remove()
+    logged = pd.read_csv(Path(config.run_dir) / "training.csv")["grad_norm"]  # before clipping
+    assert norms and max(norms) <= 0.05 * (1 + 1e-4)
+    assert logged.max() > 0.05  # so clipping had something to do
 
 
 def test_invalid_configuration_is_a_user_error(tiny):
