@@ -2,7 +2,7 @@
 
 import os
 
-# OpenMP threads that spin while waiting make a CPU-bound torch process about ten times slower
+# OpenMP threads that spin while waiting make a CPU-bound torch process about eight times slower
 # as soon as a second one shares its cores; sleeping costs nothing alone
 # (`python benchmarks/omp_wait_policy.py`: two default runs at once 128.6 s vs 15.7 s on 2 cores).
 # clipse routinely runs several processes per machine (local workers, SLURM jobs sharing a node,

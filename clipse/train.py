@@ -64,7 +64,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
         (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
-    try:  # the fused kernel is faster on the CPU for the tiny models
+    try:  # the fused kernel where this torch build has one
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **kwargs)

@@ -1,13 +1,17 @@
-"""The paired bootstrap of the final report, checked as a statistical procedure: on simulated
-paired data with a known difference its 95% interval covers that difference in about 95% of
-repetitions, its width shrinks as 1/sqrt(n), and both test images and seeds are resampled."""
+"""The statistics of the final report. The paired bootstrap as a statistical procedure: on
+simulated paired data with a known difference its 95% interval covers that difference in about
+95% of repetitions, its width shrinks as 1/sqrt(n), both test images and seeds are resampled,
+and it equals a plain-loop reference. Then the summary rows and verdicts built on it."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from clipse.metrics import RetrievalRanks, metrics_from_ranks, resampled_metrics, retrieval_ranks
-from clipse.report.statistics import paired_bootstrap
+from clipse.errors import UserError
+from clipse.metrics import METRIC_KEYS, RetrievalRanks, metrics_from_ranks, resampled_metrics, retrieval_ranks
+from clipse.report.statistics import paired_bootstrap, summarise, summary_verdicts, verdict
+from clipse.run_folder import RunFolder
 
 # Simulated retrieval: image i is found with probability sigmoid(difficulty_i + effect + seed
 # shift); difficulties spread with SPREAD, every training seed shifts all images by N(0, SEED_SD).
@@ -96,3 +100,114 @@ def test_seeds_are_resampled():
     baseline = [as_ranks(np.zeros(n, bool))] * 3
     low, high = paired_bootstrap(config, baseline, resamples=500)["r1_mean"]
     assert low < 0.5 < high and high - low > 0.3
+
+
+def reference_bootstrap(config, baseline, resamples, seed):
+    """The interval by the letter: per resample draw seeds then images, recompute every metric of
+    every drawn seed, difference of the means; then the 2.5th and 97.5th percentiles."""
+    rng = np.random.default_rng(seed)
+    n = len(config[0].i2t_best_rank)
+    differences = {}
+    for _ in range(resamples):
+        seeds = rng.integers(0, len(config), len(config))
+        counts = rng.multinomial(n, np.full(n, 1.0 / n))
+        for key in ("r1_mean", "i2t_r5", "t2i_map10", "rsum"):
+            c = np.mean([metrics_from_ranks(config[s], counts)[key] for s in seeds])
+            b = np.mean([metrics_from_ranks(baseline[s], counts)[key] for s in seeds])
+            differences.setdefault(key, []).append(c - b)
+    return {key: (np.percentile(v, 2.5), np.percentile(v, 97.5)) for key, v in differences.items()}
+
+
+def test_the_interval_is_the_central_95_percent_of_the_resampled_differences():
+    config, baseline = simulate(40, 3, np.random.default_rng(11))
+    got = paired_bootstrap(config, baseline, resamples=300, seed=4)
+    for key, (low, high) in reference_bootstrap(config, baseline, 300, 4).items():
+        assert got[key] == pytest.approx((low, high), abs=1e-12), key
+    assert set(got) == {"i2t_r1", "i2t_r5", "i2t_r10", "i2t_map10", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_map10",
+                        "r1_mean", "rsum"}  # no interval for the median ranks
+    assert paired_bootstrap(config, baseline) == paired_bootstrap(config, baseline, resamples=2000, seed=0)
+
+
+def test_runs_on_different_test_sets_are_not_compared():
+    config, baseline = simulate(40, 2, np.random.default_rng(12))
+    shorter = [as_ranks(np.ones(39, bool))] * 2
+    other_owner = [RetrievalRanks(r.t2i_rank, r.i2t_best_rank, r.i2t_ap10, r.caption_image[::-1].copy())
+                   for r in baseline]
+    for other in (shorter, other_owner):
+        with pytest.raises(ValueError, match="^runs were tested on different test sets; a paired comparison "
+                                             "needs the same one$"):
+            paired_bootstrap(config, other, resamples=10)
+
+
+def write_runs(tmp_path, sides: dict[str, list[RetrievalRanks]]) -> pd.DataFrame:
+    """Run folders holding only test ranks, and the runs table the report reads."""
+    rows = []
+    for label, ranks in sides.items():
+        for seed, r in enumerate(ranks):
+            folder = RunFolder(tmp_path / f"{label}-{seed}")
+            folder.path.mkdir(parents=True)
+            folder.save_test_ranks(r)
+            rows.append({"label": label, "seed": seed, "run_dir": str(folder.path),
+                         **{f"test_{k}": v for k, v in metrics_from_ranks(r).items()}})
+    return pd.DataFrame(rows)
+
+
+def test_summary_rows_and_verdicts(tmp_path):
+    rng = np.random.default_rng(13)
+    n = 120
+    hard = [as_ranks(rng.random(n) < 0.3) for _ in range(3)]
+    easy = [as_ranks(rng.random(n) < 0.9) for _ in range(3)]
+    same = [as_ranks(h.t2i_rank == 1) for h in hard]
+    runs = write_runs(tmp_path, {"better": easy, "baseline": hard, "same": same})
+    summary = summarise(runs, "baseline", resamples=300)
+    assert len(summary) == 3 * len(METRIC_KEYS)
+    assert list(dict.fromkeys(summary["label"])) == ["better", "baseline", "same"]  # as the runs come
+    interval = paired_bootstrap(easy, hard, resamples=300)
+    better = summary[summary["label"] == "better"].set_index("metric")
+    assert (better.loc["r1_mean", "ci_low"], better.loc["r1_mean", "ci_high"]) == interval["r1_mean"]
+    for _, row in summary.iterrows():
+        values = runs.loc[runs["label"] == row["label"], f"test_{row['metric']}"]
+        assert row["mean"] == pytest.approx(values.mean()) and row["std"] == pytest.approx(values.std(ddof=1))
+        assert row["n"] == 3
+        if row["label"] == "baseline":
+            assert np.isnan(row["diff"])
+            continue
+        base = runs.loc[runs["label"] == "baseline", f"test_{row['metric']}"]
+        assert row["diff"] == pytest.approx(values.mean() - base.mean())
+        if row["metric"].endswith("_mr"):
+            assert np.isnan(row["ci_low"]) and np.isnan(row["ci_high"])
+        else:
+            assert row["ci_low"] <= row["diff"] <= row["ci_high"]
+    verdicts = summary_verdicts(summary.to_dict(orient="records"), "baseline")
+    assert verdicts == {"better": "better", "same": "no clear difference"}
+    worse = summarise(write_runs(tmp_path / "w", {"worse": hard, "baseline": easy}), "baseline", resamples=300)
+    by_metric = worse[worse["label"] == "worse"].set_index("metric")
+    assert verdict(by_metric.loc["r1_mean"], "r1_mean") == "worse"
+    assert verdict(by_metric.loc["i2t_mr"], "i2t_mr") == ""  # no interval, no verdict
+    assert verdict({"ci_low": 0.5, "ci_high": 2.0}, "t2i_mr") == "worse"  # a higher median rank is worse
+    assert verdict({"ci_low": -2.0, "ci_high": -0.5}, "t2i_mr") == "better"
+
+
+def test_a_baseline_trained_with_other_seeds_is_refused(tmp_path):
+    rng = np.random.default_rng(14)
+    runs = write_runs(tmp_path, {"config": [as_ranks(rng.random(20) < 0.5)] * 2,
+                                 "baseline": [as_ranks(rng.random(20) < 0.5)] * 2})
+    runs.loc[runs["label"] == "baseline", "seed"] = [5, 6]
+    with pytest.raises(UserError, match="'config' and the baseline were trained with different seeds"):
+        summarise(runs, "baseline", resamples=10)
+    plain = summarise(runs, None)
+    assert "diff" not in plain and set(plain["label"]) == {"config", "baseline"}
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_the_spread_of_one_seed_is_zero_and_of_two_their_sample_std(tmp_path, seeds):
+    ranks = [as_ranks(np.arange(20) < 5 + 5 * s) for s in range(seeds)]
+    row = summarise(write_runs(tmp_path, {"only": ranks}), None).set_index("metric").loc["r1_mean"]
+    assert row["n"] == seeds and row["std"] == pytest.approx(0.0 if seeds == 1 else np.std([0.25, 0.5], ddof=1))
+
+
+def test_the_verdict_of_a_configuration_is_that_of_its_r1_mean():
+    rows = [{"label": "c", "metric": "r1_mean", "ci_low": 0.1, "ci_high": 0.2},
+            {"label": "c", "metric": "rsum", "ci_low": -0.3, "ci_high": -0.1},
+            {"label": "b", "metric": "r1_mean", "ci_low": float("nan"), "ci_high": float("nan")}]
+    assert summary_verdicts(rows, "b") == {"c": "better"}

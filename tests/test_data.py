@@ -13,7 +13,7 @@ from clipse.data import ShapesSpec, load_caption_dataset, load_split_tensors
 from clipse.data.cache import cached_images, cached_tokens
 from clipse.data.synthetic import ensure_shapes_dataset
 from clipse.errors import UserError
-from clipse.samplers import TopicalBatchSampler, random_batches
+from clipse.samplers import TopicalBatchSampler, auto_cluster_count, random_batches
 
 from datafiles import (captions_for, write_flickr8k, write_jpeg, write_kaggle_captions, write_karpathy,
                        write_openclip_csv)
@@ -241,6 +241,8 @@ def test_split_tensors(tmp_path):
 @pytest.mark.parametrize("n,batch", [(10, 4), (9, 4), (1, 4), (64, 64), (65, 64)])
 def test_random_batches_cover_each_index_once(n, batch):
     batches = random_batches(n, batch, seed=1, epoch=2)
+    sizes = {(10, 4): [4, 4, 2], (9, 4): [4, 5], (1, 4): [1], (64, 64): [64], (65, 64): [65]}[(n, batch)]
+    assert [len(b) for b in batches] == sizes  # a last batch of one pair joins the one before
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(n))
     assert all(len(b) >= 2 for b in batches) or n == 1
@@ -254,6 +256,7 @@ def test_topical_batches_cover_once_deterministic_and_topical():
     labels = rng.integers(0, 5, size=403)
     features = centres[labels] + rng.normal(size=(403, 8))
     sampler = TopicalBatchSampler(features, batch_size=16, seed=0, n_clusters=5)
+    assert len(sampler.clusters) == 5
     for epoch in range(3):
         batches = sampler.batches(epoch)
         flat = np.concatenate(batches)
@@ -297,3 +300,25 @@ def test_topical_batches_from_captions_are_more_homogeneous_than_random_ones():
     topical = TopicalBatchSampler.from_captions(captions, batch_size=16, seed=0).batches(0)
     random = random_batches(len(captions), 16, seed=0, epoch=0)
     assert _within_batch_similarity(captions, topical) > 1.5 * _within_batch_similarity(captions, random)
+
+
+@pytest.mark.parametrize("n,batch,clusters", [(10, 8, 1), (64, 8, 2), (1000, 8, 31), (100_000, 8, 64)])
+def test_auto_cluster_count_gives_about_four_batches_per_cluster(n, batch, clusters):
+    assert auto_cluster_count(n, batch) == clusters
+
+
+def test_topical_batches_with_a_given_cluster_count():
+    captions = [f"a {c} {s} number {i}" for i in range(20) for c in ("red", "blue") for s in ("circle", "square")]
+    sampler = TopicalBatchSampler.from_captions(captions, batch_size=4, seed=0, n_clusters=3)
+    assert sampler.n_clusters == 3 and len(sampler.clusters) == 3
+
+
+def test_a_single_leftover_pair_joins_the_last_batch():
+    """Clusters of 16 and 17 in batches of 16: one pair is left over and may not form a batch alone."""
+    features = np.concatenate([np.zeros((16, 2)), np.full((17, 2), 100.0)]) + np.random.default_rng(0).normal(
+        size=(33, 2))
+    sampler = TopicalBatchSampler(features, batch_size=16, seed=0, n_clusters=2)
+    assert sorted(len(c) for c in sampler.clusters) == [16, 17]
+    batches = sampler.batches(0)
+    assert sorted(len(b) for b in batches) == [16, 17]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(33))

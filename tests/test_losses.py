@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from clipse.losses import infonce_loss, sanw_bandpass_loss, sanw_debias_loss, weighted_infonce
+from clipse.losses.infonce import InfoNCE
+from clipse.losses.sanw_bandpass import SanwBandpass
+from clipse.losses.sanw_debias import SanwDebias
 from clipse.losses.sanw import affinity, band_response, debias_raw_weights, mass_preserving
 
 
@@ -212,3 +215,35 @@ def test_invalid_parameters_raise():
         sanw_debias_loss(u, v, 10.0, alpha=1.0, delta=0.2, lam=1.0)
     with pytest.raises(ValueError, match="m1 < m2"):
         sanw_bandpass_loss(u, v, 10.0, alpha=0.1, m1=0.9, m2=0.8, gamma=0.5)
+
+
+@pytest.mark.parametrize("loss,params,problem", [
+    (SanwDebias, dict(alpha=0.0), None),
+    (SanwDebias, dict(alpha=0.999), None),
+    (SanwDebias, dict(alpha=1.0), "alpha=1.0: SANW-Debias needs 0 <= alpha < 1 (weights must stay positive)"),
+    (SanwDebias, dict(alpha=-0.1), "alpha=-0.1: SANW-Debias needs 0 <= alpha < 1 (weights must stay positive)"),
+    (SanwDebias, dict(rho=0.0), None),
+    (SanwDebias, dict(rho=1.0), None),
+    (SanwDebias, dict(rho=1.01), "rho=1.01: needs 0 <= rho <= 1"),
+    (SanwBandpass, dict(rho=-0.01), "rho=-0.01: needs 0 <= rho <= 1"),
+    (SanwBandpass, dict(alpha=0.0), None),
+    (SanwBandpass, dict(alpha=-0.01), "alpha=-0.01: SANW-Bandpass needs alpha >= 0"),
+    (SanwBandpass, dict(m1=0.5, m2=0.5), "m1=0.5, m2=0.5: the band needs m1 < m2"),
+    (SanwBandpass, dict(gamma=0.0), "gamma=0.0: needs gamma > 0"),
+    (SanwBandpass, dict(gamma=1e-6), None),
+])
+def test_validity_rules_at_their_boundaries(loss, params, problem):
+    assert loss(**params).problems() == ([] if problem is None else [problem])
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ValueError, match=r"^sanw_bandpass: alpha=-1.0: .*; m1=0.9, m2=0.1: .*; gamma=0.0: .*; rho=2.0: "):
+        SanwBandpass(alpha=-1.0, m1=0.9, m2=0.1, gamma=0.0, rho=2.0).checked()
+
+
+def test_strength_ramps_only_the_strength_and_never_past_full():
+    loss = SanwDebias(alpha=0.4, delta=0.1, lam=2.0)
+    assert loss.ramped(0.25) == SanwDebias(alpha=0.1, delta=0.1, lam=2.0)
+    assert loss.ramped(1.0) is loss and loss.ramped(3.0) is loss
+    assert loss.ramped(-1.0).strength_value == 0.0 and loss.strength_value == 0.4
+    assert InfoNCE().ramped(0.5) == InfoNCE() and InfoNCE().strength_value == 0.0

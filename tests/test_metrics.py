@@ -72,10 +72,10 @@ def test_hand_computed_three_images():
     assert tuple(m) == METRIC_KEYS
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(7))
 def test_matches_loop_reference_with_1_to_7_captions(seed):
     rng = random.Random(seed)
-    n_images = rng.randint(2, 30)
+    n_images = rng.randint(2, 30) if seed < 6 else 300  # 300: more images than one block of rows
     owner = [i for i in range(n_images) for _ in range(rng.randint(1, 7))]
     rng.shuffle(owner)
     g = torch.Generator().manual_seed(seed)
@@ -127,7 +127,14 @@ def test_image_counts_weigh_like_a_resample():
 
 
 def test_bad_index_raises():
-    with pytest.raises(ValueError, match="at least one caption"):
+    with pytest.raises(ValueError, match="^every image needs at least one caption$"):
         retrieval_metrics(torch.eye(3), torch.eye(3)[:2], [0, 1])
-    with pytest.raises(ValueError, match="outside"):
-        retrieval_metrics(torch.eye(2), torch.eye(2), [0, 5])
+    with pytest.raises(ValueError, match="^caption_image_index points outside the image rows$"):
+        retrieval_metrics(torch.eye(2), torch.eye(2), [0, 2])  # one past the last row
+    with pytest.raises(ValueError, match=r"^caption_image_index has shape \(3,\), expected \(2,\)$"):
+        retrieval_metrics(torch.eye(2), torch.eye(2), [0, 1, 1])
+
+
+def test_a_single_image_is_a_valid_evaluation_set():
+    m = retrieval_metrics(torch.eye(2)[:1], torch.eye(2)[[0, 0]], [0, 0])
+    assert m["i2t_r1"] == m["t2i_r1"] == 1.0

@@ -87,3 +87,25 @@ def test_the_new_loss_is_searched_from_its_space_file(new_loss, tmp_path, monkey
         "epochs": 1, "data_root": str(tmp_path / "shapes")}))
     assert result.counts.complete == 2
     assert all({"boost", "quantile"} == {k for k in row if k in ("boost", "quantile")} for row in result.top)
+
+
+def test_what_is_not_a_loss_or_takes_a_known_name_is_refused():
+    class NotADataclass(ContrastiveLoss):
+        name = "not_a_dataclass"
+
+    @dataclasses.dataclass(frozen=True)
+    class NotALoss:
+        name = "not_a_loss"
+
+    for cls in (NotADataclass, NotALoss):
+        with pytest.raises(TypeError, match="a loss is a dataclass subclassing ContrastiveLoss"):
+            register_loss(cls)
+
+    @dataclasses.dataclass(frozen=True)
+    class Impostor(ContrastiveLoss):
+        name = "infonce"
+
+    with pytest.raises(ValueError, match="^a loss named 'infonce' is already registered$"):
+        register_loss(Impostor)
+    assert LOSSES["infonce"] is not Impostor
+    assert register_loss(LOSSES["infonce"]) is LOSSES["infonce"]  # registering the same class again is harmless

@@ -27,7 +27,7 @@ STRENGTH_COLUMN = "alpha"
 def loss_param(default: Any, help: str, *, key: str | None = None) -> Any:
     """A loss parameter: its default and help text; ``key`` when users write it otherwise than
     the attribute (``lambda`` for ``lam``)."""
-    return setting(default, help, key=key)
+    return setting(default, help, key=key)  # pragma: no mutate (runs when a loss class is defined, at import)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ def register_loss(cls: type[ContrastiveLoss]) -> type[ContrastiveLoss]:
     """Class decorator: make a loss known under ``cls.name``. A parameter key that several
     losses share (``alpha``, ``rho``) must have the same type and default in all of them,
     because a configuration holds one value per key."""
-    if not dataclasses.is_dataclass(cls) or not issubclass(cls, ContrastiveLoss):
+    if "__dataclass_fields__" not in vars(cls) or not issubclass(cls, ContrastiveLoss):  # decorated itself
         raise TypeError(f"{cls!r}: a loss is a dataclass subclassing ContrastiveLoss")
     if cls.name in LOSSES and LOSSES[cls.name] is not cls:
         raise ValueError(f"a loss named '{cls.name}' is already registered")

@@ -69,8 +69,7 @@ class TopicalBatchSampler:
             for c in order:
                 if queues[c]:
                     batches.append(queues[c].pop(0))
-        pooled = rng.permutation(np.concatenate(leftovers)) if leftovers else np.array([], dtype=int)
-        tail = chunk(pooled, self.batch_size)
+        tail = chunk(rng.permutation(np.concatenate(leftovers)), self.batch_size)
         if tail and len(tail[0]) < 2 and batches:
             batches[-1] = np.concatenate([batches[-1], tail.pop(0)])
         return batches + tail
