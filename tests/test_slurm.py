@@ -48,19 +48,19 @@ def squeue(name):
 
 
 def test_trials_run_as_a_job_array_with_fake_gpus(slurm_cluster, tmp_path):
-    result = run(tmp_path, *args_for(tmp_path, "debias", 4, "--workers", "2", "--gpus-per-node", "1"))
+    result = run(tmp_path, *args_for(tmp_path, "debias", 2, "--workers", "2", "--gpus-per-node", "1"))
     assert result.returncode == 0, result.stderr
     study = load_study(tmp_path, "debias")
     trials = study.get_trials()
-    assert len(trials) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     arrays = {t.user_attrs["slurm_job_id"] for t in trials}
     assert len(arrays) == 1  # one array for the whole batch
     for t in trials:
         assert Path(t.user_attrs["slurm_stdout"]).is_file() and Path(t.user_attrs["slurm_stderr"]).is_file()
         assert t.user_attrs[OWNER_ATTR]["job"].startswith(t.user_attrs["slurm_job_id"] + "_")
     script = next((tmp_path / "studies" / "debias" / "slurm").rglob("*_submission.sh")).read_text()
-    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --array=0-3%2" in script
-    assert "4/4 trials done" in result.stderr
+    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --array=0-1%2" in script
+    assert "2/2 trials done" in result.stderr
 
 
 def test_refused_submission_is_one_line_and_loses_nothing(slurm_cluster, tmp_path):
@@ -81,13 +81,13 @@ def test_sqlite_storage_is_refused_for_slurm(slurm_cluster, tmp_path):
 
 
 def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
-    process = start(tmp_path, *args_for(tmp_path, "baseline", 2, "--workers", "2", *SLOW))
+    process = start(tmp_path, *args_for(tmp_path, "baseline", 1, *SLOW))
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
     owner = load_study(tmp_path, "baseline").get_trials()[0].user_attrs[OWNER_ATTR]
     os.kill(owner["pid"], signal.SIGKILL)  # the worker dies (as under the OOM killer)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    lost, retry = assert_first_trial_retried(load_study(tmp_path, "baseline"), total=2)
+    lost, retry = assert_first_trial_retried(load_study(tmp_path, "baseline"), total=1)
     assert owner["job"] in lost.system_attrs[LOST_ATTR] or "heartbeat" in lost.system_attrs[LOST_ATTR]
     assert retry.user_attrs["slurm_job_id"] != lost.user_attrs["slurm_job_id"]
 
