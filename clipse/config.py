@@ -154,10 +154,12 @@ def setting_fields() -> dict[str, Field]:
     (evaluated per call, because losses may be registered after this module is imported)."""
     out: dict[str, Field] = {}
     for f in fields(TrainConfig):
-        if f.name == "loss_params":
-            out.update(loss_parameters())
-        else:
+        if f.name != "loss_params":
             out[key_of(f)] = f
+    for key, f in loss_parameters().items():
+        if key in out:
+            raise ValueError(f"loss parameter '{key}' has the name of a training setting; rename it")
+        out[key] = f
     return out
 
 

@@ -21,9 +21,10 @@ from clipse.errors import UserError
 
 def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: str | None = None,
             key: str | None = None, choices: tuple | Callable[[], tuple] | None = None, group: str | None = None,
-            metavar: str | None = None, shown_default: str | None = None, nested: bool = False) -> Any:
-    """A dataclass field with the metadata that makes it a flag. ``choices`` may be a function
-    (evaluated when the parser is built, for registries that grow); ``group`` tags related
+            metavar: str | None = None, shown_default: Any = None, nested: bool = False) -> Any:
+    """A dataclass field with the metadata that makes it a flag. ``choices`` and
+    ``shown_default`` (the default the help names, when not the field's own) may be functions,
+    evaluated when the parser is built, for registries that grow; ``group`` tags related
     settings (``data``, ``model``); ``nested`` marks a field holding another options dataclass."""
     metadata = {"help": help, "flag": flag, "key": key, "choices": choices, "group": group, "metavar": metavar,
                 "shown_default": shown_default, "nested": nested}
@@ -86,6 +87,7 @@ def add_argument(parser, f: Field, *, dest: str, default: Any, shown_default: An
     (``argparse.SUPPRESS`` to tell "not given" apart); ``shown_default`` goes into the help."""
     kind = kind_of(f)
     shown = f.metadata.get("shown_default", default_of(f) if shown_default is MISSING else shown_default)
+    shown = shown() if callable(shown) else shown
     help_text = f.metadata["help"] + ("" if shown in (None, MISSING, [], {}) else f" (default: {shown})")
     kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": help_text}
     if default is MISSING:

@@ -68,6 +68,7 @@ class FinalOptions:
 @dataclass
 class FinalResult:
     study: str
+    storage: str | None                  # as given, without a password (None: the study's journal)
     report_dir: Path
     files: dict[str, Path]               # runs, summary_csv, summary_md, test_metrics, dynamics, ...
     summary: list[dict[str, Any]]        # the rows of summary.csv: label, metric, mean, std, n, diff, ci
@@ -96,21 +97,26 @@ def run_final_task(config_mapping: dict) -> dict:
     return dataclasses.asdict(result)
 
 
-def _existing_studies(studies_dir: Path) -> list[str]:
-    return sorted(p.parent.name for p in Path(studies_dir).glob("*/journal.log"))
-
-
-def open_study(name: str, studies_dir: Path, storage_arg: str | None) -> optuna.Study:
-    folder = StudyFolder.of(studies_dir, name)
-    storage = secure_storage(storage_arg or str(folder.journal))
-    if storage_arg is None and not folder.journal.exists():
-        raise UserError(f"no study '{name}' in {studies_dir}/ (studies there: "
-                        f"{', '.join(_existing_studies(studies_dir)) or 'none'})")
-    backend = open_storage(storage)
-    names = study_names(backend)
-    if name not in names:
-        raise UserError(f"no study '{name}' in {storage} (available: {', '.join(names) or 'none'})")
+def find_study(name: str, studies_dir: Path, storage: str | None) -> optuna.Study | None:
+    """The study, or None when it does not exist; ``storage`` None means its own journal file."""
+    journal = StudyFolder.of(studies_dir, name).journal
+    if storage is None and not journal.exists():
+        return None
+    backend = open_storage(storage or str(journal))
+    if name not in study_names(backend):
+        return None
     return optuna.load_study(study_name=name, storage=backend)
+
+
+def open_study(name: str, studies_dir: Path, storage: str | None) -> optuna.Study:
+    study = find_study(name, studies_dir, storage)
+    if study is not None:
+        return study
+    if storage is None:
+        there = sorted(p.parent.name for p in Path(studies_dir).glob(f"*/{StudyFolder(Path()).journal.name}"))
+        raise UserError(f"no study '{name}' in {studies_dir}/ (studies there: {', '.join(there) or 'none'})")
+    names = study_names(open_storage(storage))
+    raise UserError(f"no study '{name}' in {storage} (available: {', '.join(names) or 'none'})")
 
 
 def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
@@ -126,29 +132,30 @@ def trial_settings(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict
     return {**space.fixed, **trial.params}
 
 
-def choose_baseline(options: FinalOptions, best: dict, best_label: str) -> tuple[dict, str]:
-    """The best trial of the baseline study, else InfoNCE with the best config's other settings.
-    Data, model and budget always come from the evaluated study, so the comparison is paired."""
+def choose_baseline(options: FinalOptions, storage: str | None, best: dict, best_label: str) -> tuple[dict, str]:
+    """The best trial of the baseline study, else (no such study, or none of its trials
+    completed) InfoNCE with the best config's other settings. Data, model and budget always come
+    from the evaluated study, so the comparison is paired. ``storage``: the evaluated study's."""
     if options.baseline_study != options.study:
-        try:
-            shared = options.storage if options.storage and is_rdb_url(options.storage) else None
-            study = open_study(options.baseline_study, options.studies_dir, shared)
+        shared = storage if storage and is_rdb_url(storage) else None  # a journal holds one study
+        study = find_study(options.baseline_study, options.studies_dir, shared)
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study is not None else []
+        if done:
             trial = best_trials(study, 1)[0]
             return trial_settings(study, trial), (f"best trial #{trial.number} of study '{options.baseline_study}' "
                                                   f"(val {trial.value:.4f}), trained here on this study's data "
                                                   "and budget")
-        except UserError:
-            pass
     return {**best, "loss": "infonce"}, (f"InfoNCE with the other settings of {best_label} (no completed "
                                          f"'{options.baseline_study}' study found)")
 
 
-def plan_runs(options: FinalOptions, study: optuna.Study, folder: StudyFolder) -> tuple[list[PlannedRun], str]:
+def plan_runs(options: FinalOptions, storage: str | None, study: optuna.Study,
+              folder: StudyFolder) -> tuple[list[PlannedRun], str]:
     settings = stored_settings(study)
     base = settings.base_config()
-    epochs = options.epochs or base.epochs
+    epochs = base.epochs if options.epochs is None else options.epochs
     chosen = [(f"trial-{t.number}", trial_settings(study, t), t) for t in best_trials(study, options.top_k)]
-    baseline, baseline_text = choose_baseline(options, chosen[0][1], chosen[0][0])
+    baseline, baseline_text = choose_baseline(options, storage, chosen[0][1], chosen[0][0])
     runs = []
     for label, chosen_settings in [(label, c) for label, c, _ in chosen] + [(BASELINE_LABEL, baseline)]:
         config = TrainConfig.from_mapping(chosen_settings, f"{label} settings", base=base)
@@ -186,7 +193,8 @@ class RunWorkload(Workload):
         self.planned = {r.name: r for r in runs}
         self.total, self.done, self.started = len(runs), 0, time.time()
         self.attempts: dict[str, int] = {}
-        self.problems: list[str] = []
+        self.problems: list[str] = []   # failed or lost: a re-run retries them
+        self.diverged: list[str] = []   # a re-run would diverge again
 
     def wanted(self, room: int, outstanding: int) -> list[Task]:
         batch, self.queue = self.queue[:room], self.queue[room:]
@@ -204,7 +212,9 @@ class RunWorkload(Workload):
         status = task.result["status"] if task.state == DONE else f"{task.state}: {task.error}"
         print(f"[{self.label}] {self.done}/{self.total} runs done ({task.label}: {status}) | "
               f"{format_duration(time.time() - self.started)} elapsed | ETA {format_duration(eta)}", file=sys.stderr)
-        if task.state != DONE or task.result["status"] != "completed":
+        if task.state == DONE and task.result["status"] == "diverged":
+            self.diverged.append(task.label)
+        elif task.state != DONE or task.result["status"] != "completed":
             self.problems.append(f"{task.label} ({status})")
 
     def complete(self) -> bool:
@@ -214,22 +224,32 @@ class RunWorkload(Workload):
 def run_final(options: FinalOptions) -> FinalResult:
     """Plan, train (reusing finished runs) and report; see the module docstring. Progress goes
     to stderr. Ctrl-C stops the runs and returns a result with ``interrupted`` set."""
-    check_at_least(options, 1, "top_k", "seeds")
-    study = open_study(options.study, options.studies_dir, options.storage)
+    check_at_least(options, 1, "top_k", "seeds", "resamples")
+    if options.storage is None:
+        return _final(options, None)
+    with secure_storage(options.storage) as storage:
+        return _final(options, storage)
+
+
+def _final(options: FinalOptions, storage: str | None) -> FinalResult:
+    study = open_study(options.study, options.studies_dir, storage)
     folder = StudyFolder.of(options.studies_dir, options.study)
-    runs, intro = plan_runs(options, study, folder)
+    runs, intro = plan_runs(options, storage, study, folder)
     label = f"final {options.study}"
     todo = [r for r in runs if not finished(r)]
     print(f"[{label}] {len(runs) - len(todo)} of {len(runs)} runs already finished; training {len(todo)}",
           file=sys.stderr)
     if todo:
-        executor = executor_from_options(options.execution, folder.final / "slurm", job_name=f"{options.study}-final")
+        executor = executor_from_options(options.execution, folder.final_slurm, job_name=f"{options.study}-final")
         workload = RunWorkload(todo, options.execution, label)
         if run_workload(executor, workload).interrupted:
-            return FinalResult(options.study, folder.final, {}, [], {}, interrupted=True)
+            return FinalResult(options.study, storage, folder.final, {}, [], {}, interrupted=True)
+        if workload.diverged:
+            raise UserError(f"runs diverged (a non-finite loss): {', '.join(workload.diverged)}; those settings do not "
+                            "train with those seeds, and a re-run would diverge again")
         if workload.problems:
             raise UserError(f"some runs did not complete: {', '.join(workload.problems)}; their folders are under "
-                            f"{folder.final / 'runs'}; re-run the same command to retry them")
+                            f"{folder.final_runs}; re-run the same command to retry them")
 
     records = [RunRecord(r.folder.path, r.label, r.seed) for r in runs]
     files = write_report(records, BASELINE_LABEL, folder.final, intro, options.resamples)
@@ -238,7 +258,7 @@ def run_final(options: FinalOptions) -> FinalResult:
     files["search_history"] = plot_history(study, folder.final / "search_history.png")
     files["param_importances"] = plot_importances(study, folder.final / "param_importances.png")
     summary = _read_summary(files["summary_csv"])
-    return FinalResult(options.study, folder.final, files, summary, summary_verdicts(summary, BASELINE_LABEL))
+    return FinalResult(options.study, storage, folder.final, files, summary, summary_verdicts(summary, BASELINE_LABEL))
 
 
 def _read_summary(path: Path) -> list[dict[str, Any]]:
@@ -265,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     options = from_arguments(FinalOptions, build_parser().parse_args(argv))
     result = run_final(options)
     if result.interrupted:
-        shown = [a.replace(options.storage, secure_storage(options.storage)) if options.storage else a for a in argv]
+        shown = [a.replace(options.storage, result.storage) if options.storage else a for a in argv]
         print(f"\ninterrupted; finished runs are kept. Continue with:\n  python -m clipse.final "
               f"{' '.join(shlex.quote(a) for a in shown)}", file=sys.stderr)
         return 130

@@ -38,25 +38,12 @@ class StudyFolder:
     def of(cls, studies_dir: Path, name: str) -> "StudyFolder":
         return cls((Path(studies_dir) / name).absolute())  # absolute: SLURM jobs may start elsewhere
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def journal(self) -> Path:
-        return self.path / "journal.log"
-
-    @property
-    def artifacts(self) -> Path:
-        return self.path / "artifacts"
-
-    @property
-    def slurm(self) -> Path:
-        return self.path / "slurm"
-
-    @property
-    def final(self) -> Path:
-        return self.path / "final"
+    journal = property(lambda self: self.path / "journal.log")
+    artifacts = property(lambda self: self.path / "artifacts")
+    slurm = property(lambda self: self.path / "slurm")
+    final = property(lambda self: self.path / "final")
+    final_runs = property(lambda self: self.final / "runs")
+    final_slurm = property(lambda self: self.final / "slurm")
 
     @property
     def registry(self) -> Path:
@@ -66,4 +53,4 @@ class StudyFolder:
         return self.path / "runs" / f"trial-{number:05d}"
 
     def final_run(self, label: str, seed: int) -> Path:
-        return self.final / "runs" / f"{label}-seed{seed}"
+        return self.final_runs / f"{label}-seed{seed}"

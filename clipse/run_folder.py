@@ -11,7 +11,7 @@ One folder per run (``docs/run-folder.md``)::
     test_ranks.npz   per-query test ranks (with ``eval_test``), for paired bootstraps
     dynamics.png     a small plot of the run, made for the search's artifacts
 
-Every file is replaced atomically (temporary file, then rename), so a crash leaves the previous
+Every file but the appended CSVs is replaced atomically (temporary file, then rename), so a crash leaves the previous
 version. Checkpoints hold only tensors, numbers, strings, lists and dicts, and are read with
 ``torch.load(weights_only=True)``: a file that would run code when unpickled is refused.
 """
@@ -26,6 +26,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -66,25 +67,40 @@ class TrainResult:
 # safe file operations
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_torch_save(payload: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append rows; a file that exists keeps its own header (a run resumed by a newer clipse
+    does not grow columns its header lacks)."""
     if not rows:
         return
-    new = not path.exists() or path.stat().st_size == 0
+    header = None
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle))
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
+        writer = csv.DictWriter(handle, fieldnames=header or list(rows[0]), extrasaction="ignore")
+        if header is None:
             writer.writeheader()
         writer.writerows(rows)
 
@@ -104,12 +120,7 @@ def truncate_csv(path: Path, column: str, keep_up_to: int) -> None:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         rows = [row for row in reader if int(row[column]) <= keep_up_to]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: _write_csv(tmp, columns, rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,9 +224,7 @@ class RunFolder:
         return TrainResult(**json.loads(self.result_file.read_text()))
 
     def save_test_ranks(self, ranks: RetrievalRanks) -> None:
-        tmp = self.path / "test_ranks.tmp.npz"
-        np.savez(tmp, **dataclasses.asdict(ranks))
-        os.replace(tmp, self.test_ranks_file)
+        replace_atomically(self.test_ranks_file, lambda tmp: np.savez(tmp, **dataclasses.asdict(ranks)))
 
     def test_ranks(self) -> RetrievalRanks:
         with np.load(self.test_ranks_file) as data:

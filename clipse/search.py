@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from clipse.config import DATA_KEYS, MODEL_KEYS, SELECT_METRICS, TrainConfig, add_config_arguments, config_overrides
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.executors import BACKENDS, Executor, ExecutorOptions, Task, executor_from_options
-from clipse.fields import add_arguments, from_arguments, setting
+from clipse.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.objective import StudyRef, TrialOutcome, run_trial_task
 from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.progress import ProgressLine
@@ -175,12 +175,17 @@ class TrialWorkload(Workload):
 def run_search(options: SearchOptions) -> SearchResult:
     """Create or resume the study and run it to its total (see the module docstring). Progress
     goes to stderr. Ctrl-C stops the work and returns a result with ``interrupted`` set."""
-    if options.trials < 1:
-        raise UserError("--trials must be at least 1")
+    check_at_least(options, 1, "trials")
+    if options.heartbeat_grace is not None and options.heartbeat_grace <= 0:
+        raise UserError("--heartbeat-grace must be positive")
     space = load_space(options.space)
     name = options.study or space.name
     folder = StudyFolder.of(options.studies_dir, name)
-    storage = secure_storage(options.storage or str(folder.journal))
+    with secure_storage(options.storage or str(folder.journal)) as storage:
+        return _search(options, space, name, folder, storage)
+
+
+def _search(options: SearchOptions, space: SearchSpace, name: str, folder: StudyFolder, storage: str) -> SearchResult:
     folder.path.mkdir(parents=True, exist_ok=True)
     backend = open_storage(storage)
     existing = None
@@ -200,7 +205,8 @@ def run_search(options: SearchOptions) -> SearchResult:
           f"in {storage}\nspace {space.name}: {', '.join(space.params)} | objective {settings.metric} (best epoch) | "
           f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | executor "
           f"{options.execution.backend}{workers}", file=sys.stderr)
-    workload = TrialWorkload(study, ref, options.execution, options.heartbeat_grace or executor.heartbeat_grace_s)
+    grace = executor.heartbeat_grace_s if options.heartbeat_grace is None else options.heartbeat_grace
+    workload = TrialWorkload(study, ref, options.execution, grace)
     with ProgressLine(name, options.trials, lambda: count_trials(study)):
         end = run_workload(executor, workload)
     return SearchResult(study=name, storage=storage, study_dir=folder.path, counts=count_trials(study),

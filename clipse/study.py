@@ -17,12 +17,13 @@ that ended).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.storages.journal import JournalFileBackend
@@ -53,7 +54,7 @@ class StudySettings:
     space: str
     space_digest: str
     space_definition: dict[str, Any]  # workers sample from this, not from the file
-    metric: str = "val_r1_mean"
+    metric: str = TrainConfig.__dataclass_fields__["select_metric"].default
     sampler: str = "tpe"
     seed: int = 0
     startup_trials: int = 10
@@ -99,25 +100,43 @@ def is_rdb_url(storage: str) -> bool:
     return "://" in storage
 
 
-def secure_storage(storage: str) -> str:
-    """The storage string without its password, which moves to ``PGPASSWORD`` for this process
-    and the workers it starts (local processes and SLURM jobs inherit the environment)."""
+# Drivers that connect through libpq, which reads PGPASSWORD and ~/.pgpass.
+LIBPQ_DRIVERS = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+
+
+@contextlib.contextmanager
+def secure_storage(storage: str) -> Iterator[str]:
+    """The storage string without its password, which moves to ``PGPASSWORD`` while the block
+    runs: this process and the workers it starts (local processes and SLURM jobs inherit the
+    environment) connect with it, and nothing prints or writes it. The previous value of
+    ``PGPASSWORD`` is restored afterwards."""
     if not is_rdb_url(storage):
-        return storage
+        yield storage
+        return
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
         url = make_url(storage)
-    except ArgumentError:
+        password = url.password or url.query.get("password")
+    except (ArgumentError, ValueError):
         raise UserError("--storage: not a valid database URL") from None
-    if url.password is None:
-        return storage
-    if url.get_backend_name() != "postgresql":
-        raise UserError(f"--storage: a password in a {url.get_backend_name()} URL would be written to job files "
-                        "and logs; keep it out of the URL")
-    os.environ["PGPASSWORD"] = str(url.password)
-    return url._replace(password=None).render_as_string(hide_password=False)
+    if password is None:
+        yield storage
+        return
+    if url.drivername not in LIBPQ_DRIVERS:
+        raise UserError(f"--storage: a password in a {url.drivername} URL would be written to job files and logs; "
+                        "keep it out of the URL (PostgreSQL through libpq: PGPASSWORD or ~/.pgpass)")
+    previous = os.environ.get("PGPASSWORD")
+    os.environ["PGPASSWORD"] = str(password)
+    try:
+        yield url._replace(password=None, query={k: v for k, v in url.query.items() if k != "password"}
+                           ).render_as_string(hide_password=False)
+    finally:
+        if previous is None:
+            os.environ.pop("PGPASSWORD", None)
+        else:
+            os.environ["PGPASSWORD"] = previous
 
 
 def open_storage(storage: str) -> optuna.storages.BaseStorage:

@@ -138,7 +138,7 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         best_value, best_epoch, best_metrics = state["best_value"], state["best_epoch"], state["best_metrics"]
         last_metrics, weight_means = state["last_metrics"], state["weight_stats"]
         log.info("%s: resuming after epoch %d (step %d)", folder.path, start_epoch, global_step)
-    folder.rewind(start_epoch, global_step, state["rows"] if state is not None else None)
+    folder.rewind(start_epoch, global_step, state.get("rows") if state is not None else None)
 
     status, diverged_step, epochs_done = "completed", None, start_epoch
     model.train()

@@ -50,7 +50,7 @@ def run_workload(executor: Executor, workload: Workload, poll_s: float = POLL_S)
     """Drive ``workload`` to completion on ``executor``. Ctrl-C cancels the outstanding tasks
     and returns; any other exception cancels them and propagates. The executor is closed."""
     tasks: list[Task] = []
-    seen: set[int] = set()
+    seen: set[Task] = set()
     try:
         while True:
             workload.sweep(executor)
@@ -61,8 +61,8 @@ def run_workload(executor: Executor, workload: Workload, poll_s: float = POLL_S)
                 tasks += new
                 executor.submit(new)
             for task in tasks:
-                if task.finished and id(task) not in seen:
-                    seen.add(id(task))
+                if task.finished and task not in seen:
+                    seen.add(task)
                     workload.finished(task)
             outstanding = [t for t in tasks if not t.finished]
             if not outstanding and not new and workload.complete():

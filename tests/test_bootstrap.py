@@ -211,3 +211,11 @@ def test_the_verdict_of_a_configuration_is_that_of_its_r1_mean():
             {"label": "c", "metric": "rsum", "ci_low": -0.3, "ci_high": -0.1},
             {"label": "b", "metric": "r1_mean", "ci_low": float("nan"), "ci_high": float("nan")}]
     assert summary_verdicts(rows, "b") == {"c": "better"}
+
+
+def test_a_baseline_label_that_no_run_has_and_zero_resamples_are_refused(tmp_path):
+    runs = write_runs(tmp_path, {"infonce": [as_ranks(np.ones(10, bool))], "sanw": [as_ranks(np.ones(10, bool))]})
+    with pytest.raises(UserError, match=r"no runs labelled 'infonse' to compare with \(labels: infonce, sanw\)"):
+        summarise(runs, "infonse")
+    with pytest.raises(UserError, match="resamples must be at least 1, got 0"):
+        summarise(runs, "infonce", resamples=0)

@@ -6,6 +6,7 @@ PGPASSWORD; PGPASSWORD and a pgpass file work without a password in the URL."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,9 +15,8 @@ import pytest
 
 from clipse.errors import UserError
 from clipse.search import SearchOptions, run_search
-from clipse.study import count_trials
+from clipse.study import count_trials, secure_storage
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "1"]
@@ -47,6 +47,8 @@ def with_password(url, password):
     return url.replace("@", f":{password}@", 1)
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_password_in_the_url_is_kept_out_of_everything(postgres_secret, tmp_path):
     url, password = postgres_secret
     result = search(tmp_path, with_password(url, password), 2, "--workers", "2")
@@ -57,6 +59,8 @@ def test_password_in_the_url_is_kept_out_of_everything(postgres_secret, tmp_path
     assert len({t.user_attrs["clipse:owner"]["pid"] for t in study.get_trials()}) == 2  # workers connected
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_the_password_is_really_required_and_pgpassword_or_pgpass_supply_it(postgres_secret, tmp_path,
                                                                               monkeypatch):
     url, password = postgres_secret
@@ -80,7 +84,9 @@ def test_the_password_is_really_required_and_pgpassword_or_pgpass_supply_it(post
     assert run_search(dataclasses.replace(options, study="by-file")).counts.complete == 1
 
 
+@pytest.mark.postgres
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_slurm_job_files_hold_no_password(postgres_secret, slurm_cluster, tmp_path):
     url, password = postgres_secret
     result = search(tmp_path, with_password(url, password), 1, "--executor", "slurm", "--cpus-per-task", "1",
@@ -92,3 +98,29 @@ def test_slurm_job_files_hold_no_password(postgres_secret, slurm_cluster, tmp_pa
     study = assert_nowhere(password, tmp_path, result, url)
     assert count_trials(study).complete == 1
     assert all(t.user_attrs["clipse:owner"]["kind"] == "slurm" for t in study.get_trials())
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://u:s3cret@h:5432/db", "postgresql://u@h:5432/db"),
+    ("postgresql+psycopg://u@h/db?password=s3cret&sslmode=require", "postgresql+psycopg://u@h/db?sslmode=require"),
+])
+def test_the_password_leaves_the_url_for_the_block_only(monkeypatch, url, shown):
+    monkeypatch.setenv("PGPASSWORD", "the user's own")
+    with secure_storage(url) as storage:
+        assert storage == shown and os.environ["PGPASSWORD"] == "s3cret"
+    assert os.environ["PGPASSWORD"] == "the user's own"
+    monkeypatch.delenv("PGPASSWORD")
+    with secure_storage(url):
+        pass
+    assert "PGPASSWORD" not in os.environ
+
+
+@pytest.mark.parametrize("url,message", [
+    ("postgresql://u:pw@h:notaport/db", "--storage: not a valid database URL"),
+    ("postgresql+pg8000://u:pw@h/db", "a password in a postgresql+pg8000 URL would be written"),
+    ("mysql://u:pw@h/db", "a password in a mysql URL would be written"),
+])
+def test_urls_whose_password_cannot_be_kept_secret_are_refused(url, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        with secure_storage(url):
+            pass

@@ -114,3 +114,24 @@ def test_cancel_stops_running_and_queued_tasks(backend, tmp_path):
 def test_inline_refuses_several_workers(tmp_path):
     with pytest.raises(UserError, match="--executor inline runs one at a time"):
         executor_from_options(ExecutorOptions(executor="inline", workers=2), tmp_path)
+
+
+def test_a_local_worker_interrupted_alone_is_replaced(tmp_path):
+    """SIGINT to one worker (not to the coordinator) cancels its task; the next task gets a new worker."""
+    import signal
+
+    executor = executor_from_options(ExecutorOptions(executor="local", workers=1, resources=Resources(cpus=1)),
+                                     tmp_path)
+    marker = tmp_path / "started"
+    interrupted = Task(executor_tasks.sleeps, (600, str(marker)))
+    executor.submit([interrupted])
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        executor.wait([interrupted], 0.5)
+    os.kill(int(marker.read_text()), signal.SIGINT)
+    while not interrupted.finished and time.time() < deadline:
+        executor.wait([interrupted], 0.5)
+    assert interrupted.state == CANCELLED
+    (after,) = run_to_end(executor, [Task(executor_tasks.identity, ("after",))])
+    assert after.state == DONE and after.result[1]["pid"] != int(marker.read_text())
+    executor.close()

@@ -133,3 +133,11 @@ def test_default_run_folders_and_run_ids():
     path = default_run_dir()
     assert path.parent == ADHOC_RUNS_DIR and re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{4}", path.name)
     assert RunFolder(path).run_id("") == path.name and RunFolder(path).run_id("s") == f"s/{path.name}"
+
+
+def test_rows_appended_to_an_older_file_keep_its_columns(tmp_path):
+    """A run started by an older clipse, resumed by this one: its epochs.csv keeps its header."""
+    path = tmp_path / "epochs.csv"
+    path.write_text("epoch,train_loss\n1,0.5\n")
+    append_csv(path, [{"epoch": 2, "train_loss": 0.4, "trained_by_pid": 123}])
+    assert path.read_text() == "epoch,train_loss\n1,0.5\n2,0.4\n"

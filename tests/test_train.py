@@ -144,6 +144,22 @@ def test_a_crash_between_checkpoint_and_rows_is_repaired_on_resume(tiny, tmp_pat
         pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
+def test_a_checkpoint_from_before_pending_rows_still_resumes(tiny):
+    """Checkpoints written by an earlier clipse have no "rows": resuming one must work."""
+    config = tiny(epochs=3)
+    train(config.replace(epochs=2))
+    last = Path(config.run_dir) / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["rows"]
+    torch.save(state, last)
+    (Path(config.run_dir) / "result.json").unlink()
+    (Path(config.run_dir) / "config.yaml").write_text((Path(config.run_dir) / "config.yaml").read_text()
+                                                     .replace("epochs: 2", "epochs: 3"))
+    result = train(config.replace(resume=True))
+    assert result.status == "completed" and result.epochs_done == 3
+    assert [int(r["epoch"]) for r in read_csv(Path(config.run_dir) / "epochs.csv")] == [1, 2, 3]
+
+
 def test_resume_refuses_changed_settings_and_reuses_finished_run(tiny):
     config = tiny()
     first = train(config)

@@ -15,7 +15,7 @@ from clipse.errors import UserError
 from clipse.executors.base import (BACKENDS, CANCELLED, DONE, FAILED, LOST, PENDING, RUNNING, Executor, Resources,
                                    Task, WorkerEnvironment, backend_names, register_backend, register_environment,
                                    worker_environment)
-from clipse.fields import setting
+from clipse.fields import check_at_least, setting
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -42,10 +42,8 @@ class ExecutorOptions:
 
 def executor_from_options(options: ExecutorOptions, folder: Path, job_name: str = "clipse") -> Executor:
     """The executor the options name; ``folder`` holds its files (SLURM job folders)."""
-    if options.workers < 1:
-        raise UserError("--workers must be at least 1")
-    if options.max_retries < 0:
-        raise UserError("--max-retries must not be negative")
+    check_at_least(options, 1, "workers")
+    check_at_least(options, 0, "max_retries")
     if options.backend not in BACKENDS:
         raise UserError(f"unknown executor '{options.backend}' (choose from {', '.join(backend_names())})")
     return BACKENDS[options.backend].from_options(options, folder, job_name)

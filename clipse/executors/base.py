@@ -30,8 +30,8 @@ FINAL_STATES = {DONE, FAILED, LOST, CANCELLED}
 class Resources:
     """Resources of each task (SLURM requests them; local workers size their CPU threads by them)"""
 
-    cpus: int | None = setting(None, "CPUs per task", flag="--cpus-per-task",
-                               shown_default="2 with SLURM; local workers share this machine's cores")
+    cpus: int | None = setting(None, "CPUs per task", flag="--cpus-per-task", shown_default=lambda: "; ".join(
+        f"{name} {backend.default_cpus or 'an even share of the machine'}" for name, backend in BACKENDS.items()))
     gpus: int = setting(0, "GPUs per task", flag="--gpus-per-node")
     mem_gb: float = setting(8.0, "memory per task in GB (SLURM)")
     processes: int = 1  # processes per task; a data-parallel trial asks for more
@@ -155,6 +155,8 @@ class Executor(ABC):
     multi_node: ClassVar[bool] = False
     # Seconds without a heartbeat before a running trial of this backend's workers counts as lost.
     heartbeat_grace_s: ClassVar[float] = 120.0
+    # CPUs a task gets when it does not ask (None: the machine's cores shared between workers).
+    default_cpus: ClassVar[int | None] = None
 
     @classmethod
     @abstractmethod

@@ -11,7 +11,6 @@ from clipse.executors.base import DONE, RUNNING, Executor, register_backend
 @register_backend
 class InlineExecutor(Executor):
     name = "inline"
-    capacity = 1
 
     @classmethod
     def from_options(cls, options, folder, job_name):

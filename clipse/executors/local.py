@@ -79,7 +79,7 @@ class LocalExecutor(Executor):
         for slot in range(self._size):
             if not self._queue:
                 return
-            if slot not in self._workers:
+            if slot not in self._workers or not self._workers[slot][0].is_alive():
                 self._spawn(slot)
             process, connection, current = self._workers[slot]
             if current is None:
@@ -111,7 +111,16 @@ class LocalExecutor(Executor):
                 log.warning("%s", task.error)
                 del self._workers[slot]
                 continue
+            except Exception as exc:  # the outcome arrived but cannot be unpickled here
+                task.state, task.error = FAILED, f"{type(exc).__name__} reading the result: {exc}"
+                self._workers[slot] = (process, connection, None)
+                continue
             task.state = state
+            if state == CANCELLED:  # the worker was interrupted and exits: the slot gets a new one
+                process.join(timeout=5)
+                del self._workers[slot]
+                task.error = str(payload)
+                continue
             if state == DONE:
                 task.result = payload
             elif isinstance(payload, BaseException):

@@ -25,11 +25,8 @@ from clipse.fields import setting
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CPUS = 2
 # The last line of a Python traceback: "ValueError: boom", "clipse.errors.UserError: ...".
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b[^:]*:")
-FINAL_SLURM_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                      "DEADLINE"}
 
 
 @dataclass
@@ -102,13 +99,14 @@ class SlurmExecutor(Executor):
     name = "slurm"
     multi_node = True
     heartbeat_grace_s = 600.0  # a requeued job waits minutes before it restarts
+    default_cpus = 2
 
     def __init__(self, folder: Path, options: SlurmOptions, parallelism: int, job_name: str = "clipse"):
         import submitit
 
         self.capacity = 10**9
         self.options = options
-        self._jobs: dict[int, Any] = {}       # id(task) -> submitit job
+        self._jobs: dict[Task, Any] = {}      # task -> submitit job
         self._last_poll = 0.0
         self._dead: set[str] = set()
         folder.mkdir(parents=True, exist_ok=True)
@@ -127,7 +125,7 @@ class SlurmExecutor(Executor):
 
     @staticmethod
     def _resource_parameters(resources: Resources) -> dict[str, Any]:
-        params = {"cpus_per_task": resources.cpus or DEFAULT_CPUS, "mem": f"{int(resources.mem_gb * 1024)}M",
+        params = {"cpus_per_task": resources.cpus or SlurmExecutor.default_cpus, "mem": f"{int(resources.mem_gb * 1024)}M",
                   "ntasks_per_node": resources.processes}
         if resources.gpus:
             params["gpus_per_node"] = resources.gpus
@@ -150,7 +148,7 @@ class SlurmExecutor(Executor):
                 task.state = RUNNING
                 task.info = {"slurm_job": job.job_id, "stdout": str(job.paths.stdout),
                              "stderr": str(job.paths.stderr)}
-                self._jobs[id(task)] = job
+                self._jobs[task] = job
             log.info("submitted %d SLURM job(s): array %s", len(jobs), jobs[0].job_id.split("_")[0])
 
     def wait(self, tasks, timeout):
@@ -159,7 +157,7 @@ class SlurmExecutor(Executor):
         deadline = time.time() + timeout
         while True:
             if time.time() - self._last_poll >= self.options.poll_s:
-                self._jobs[id(tasks[0])].watcher.update()  # one sacct call for every job (shared watcher)
+                self._jobs[tasks[0]].watcher.update()  # one sacct call for every job (shared watcher)
                 self._last_poll = time.time()
             changed = False
             for task in tasks:
@@ -170,14 +168,15 @@ class SlurmExecutor(Executor):
             time.sleep(min(1.0, max(0.05, deadline - time.time())))
 
     def _refresh(self, task: Task) -> bool:
-        job = self._jobs[id(task)]
-        state = job.watcher.get_state(job.job_id, mode="cache").split(" ")[0].upper()
-        if not job.paths.result_pickle.exists() and state not in FINAL_SLURM_STATES:
+        job = self._jobs[task]
+        # submitit's own notion of an ended job (a preempted job is requeued, so not ended)
+        if not job.paths.result_pickle.exists() and not job.watcher.is_done(job.job_id, mode="cache"):
             return False
+        state = job.watcher.get_state(job.job_id, mode="cache").split(" ")[0].upper()
         try:
             task.result, task.state = job.result(), DONE
         except Exception as exc:  # the job raised (its traceback is in the message) or left no result
-            text = [line.strip() for line in str(exc).splitlines()]
+            text = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             raised = next((line for line in reversed(text) if EXCEPTION_LINE.match(line)), None)
             if raised and "UserError:" in raised:
                 task.state, task.user_error = FAILED, True
@@ -194,7 +193,7 @@ class SlurmExecutor(Executor):
         if self.options.detach:
             return False
         for task in tasks:
-            job = self._jobs.get(id(task))
+            job = self._jobs.get(task)
             if job is not None and not task.finished:
                 job.cancel(check=False)
                 task.state = CANCELLED

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", required=True, help="RDB URL or journal file path")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)
-    study = load_study(args.study, secure_storage(args.storage))
-    print(plot_history(study, args.out / "search_history.png"))
-    print(plot_importances(study, args.out / "param_importances.png"))
+    with secure_storage(args.storage) as storage:
+        study = load_study(args.study, storage)
+        print(plot_history(study, args.out / "search_history.png"))
+        print(plot_importances(study, args.out / "param_importances.png"))
     return 0

@@ -57,6 +57,11 @@ def paired_bootstrap(config_ranks: list[RetrievalRanks], baseline_ranks: list[Re
 def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2000) -> pd.DataFrame:
     """One row per (label, metric): mean, std (over seeds), n, and against the baseline the
     difference of means and its paired-bootstrap interval."""
+    if resamples < 1:
+        raise UserError(f"resamples must be at least 1, got {resamples}")
+    labels = list(dict.fromkeys(runs["label"]))
+    if baseline_label is not None and baseline_label not in labels:
+        raise UserError(f"no runs labelled '{baseline_label}' to compare with (labels: {', '.join(map(str, labels))})")
     rows = []
     baseline = runs[runs["label"] == baseline_label].sort_values("seed") if baseline_label else None
     for label, group in runs.groupby("label", sort=False):
