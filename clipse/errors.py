@@ -6,25 +6,57 @@ with one line on stderr, 1 for anything else.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
+import signal
 import sys
-from typing import Callable
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
 
 
 class UserError(Exception):
     """A problem the user can fix: bad path, bad file, bad configuration, refused submission."""
 
 
+class StorageFull(UserError):
+    """A write failed for want of space (a full disk, a quota, a file-size limit); the file's
+    previous version is kept, and retrying can help once space is freed."""
+
+
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+@contextlib.contextmanager
+def storage_full_is_one_line(path: Path) -> Iterator[None]:
+    """Turn a write that failed for want of space into ``StorageFull`` naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in STORAGE_FULL_ERRNOS:
+            raise
+        raise StorageFull(f"cannot write {path}: {exc.strerror or exc}; its previous version is kept") from None
+
+
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Wrap a command's ``main(argv)``: UserError -> one line on stderr and exit status 2;
-    Ctrl-C -> exit 130 with a short line; any other exception keeps its traceback (exit 1)."""
+    Ctrl-C -> exit 130 with a short line; any other exception keeps its traceback (exit 1).
+    SIGTERM (what a scheduler or ``kill`` sends before SIGKILL) is handled as Ctrl-C: running
+    work stops cleanly and resumes on the next run."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             return main(argv) or EXIT_OK
         except UserError as exc:

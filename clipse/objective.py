@@ -24,7 +24,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
 from clipse.config import TrainConfig
-from clipse.errors import UserError
+from clipse.errors import StorageFull, UserError
 from clipse.executors import worker_environment
 from clipse.paths import StudyFolder
 from clipse.run_folder import RunFolder
@@ -106,6 +106,10 @@ def _attach_artifacts(trial: optuna.Trial, ref: StudyRef, run: RunFolder) -> Non
             upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
 
 
+def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
 def _outcome(frozen: optuna.trial.FrozenTrial) -> TrialOutcome:
     return TrialOutcome(frozen.number, frozen.state.name, value=frozen.value, error=frozen.user_attrs.get("error"))
 
@@ -113,7 +117,9 @@ def _outcome(frozen: optuna.trial.FrozenTrial) -> TrialOutcome:
 def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
     """Take one trial of the study, train it, report it. Exceptions inside the trial become a
     FAIL with the error text in the trial's user attrs; Ctrl-C fails it as retryable and
-    re-raises, so that a resumed search runs it again from its checkpoint."""
+    re-raises, so that a resumed search runs it again from its checkpoint. A write that failed for
+want of space (``StorageFull``) fails the trial with that line and queues a retry (within the
+study's retries), which resumes from the last checkpoint."""
     environment = worker_environment()
     study = load_study(ref.name, ref.storage)
     settings = stored_settings(study)
@@ -141,9 +147,13 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialOutcome(trial.number, "PRUNED", error=str(pruned) or None)
         except KeyboardInterrupt:
-            frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-            retry_lost_trial(study, frozen, "interrupted (Ctrl-C)", max_retries)
+            retry_lost_trial(study, _frozen(study, trial.number), "interrupted (Ctrl-C)", max_retries)
             raise
+        except StorageFull as exc:  # the run folder keeps its last checkpoint: a retry resumes it once space is freed
+            text = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", text)
+            retry_lost_trial(study, _frozen(study, trial.number), text, max_retries)
+            return TrialOutcome(trial.number, "FAIL", error=text)
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("error", text)

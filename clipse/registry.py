@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
-import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -20,7 +18,8 @@ from clipse import __version__
 from clipse.config import TrainConfig
 from clipse.metrics import METRIC_KEYS
 from clipse.paths import PROJECT_ROOT
-from clipse.run_folder import RESUME_FREE_KEYS, TrainResult
+from clipse.locks import exclusive_lock
+from clipse.run_folder import RESUME_FREE_KEYS, TrainResult, append_whole
 
 REGISTRY_COLUMNS = (
     ["run_id", "study", "trial", "status", "loss", "params", "epochs_done", "best_epoch"]
@@ -49,26 +48,19 @@ def host() -> str:
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append under an exclusive lock; the header is written by whoever finds the file empty.
-    A registry written by another clipse version keeps its own columns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", newline="") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            handle.seek(0)
-            header_line = handle.readline()
-            columns = next(csv.reader([header_line])) if header_line.strip() else list(REGISTRY_COLUMNS)
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-            if not header_line.strip():
-                writer.writeheader()
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-            handle.seek(0, os.SEEK_END)
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Append one row, whole or not at all, under an exclusive lock (``clipse.locks``); the header
+    is written by whoever finds the file empty. A registry written by another clipse version
+    keeps its own columns."""
+    with exclusive_lock(path), open(path, "a+b", buffering=0) as handle:
+        handle.seek(0)
+        header_line = handle.readline().decode()
+        columns = next(csv.reader([header_line])) if header_line.strip() else list(REGISTRY_COLUMNS)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        if not header_line.strip():
+            writer.writeheader()
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        append_whole(handle.fileno(), buffer.getvalue(), path)
 
 
 def registry_row(config: TrainConfig, result: TrainResult) -> dict:

@@ -11,7 +11,8 @@ One folder per run (``docs/run-folder.md``)::
     test_ranks.npz   per-query test ranks (with ``eval_test``), for paired bootstraps
     dynamics.png     a small plot of the run, made for the search's artifacts
 
-Every file but the appended CSVs is replaced atomically (temporary file, then rename), so a crash leaves the previous
+Every file but the appended CSVs is replaced atomically (temporary file flushed to disk, then
+renamed), and the CSVs take whole rows or none, so a crash or a full disk leaves the previous
 version. Checkpoints hold only tensors, numbers, strings, lists and dicts, and are read with
 ``torch.load(weights_only=True)``: a file that would run code when unpickled is refused.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import secrets
@@ -33,7 +35,7 @@ import torch
 
 from clipse.checkpoints import read_checkpoint
 from clipse.config import TrainConfig, config_yaml, load_config_file
-from clipse.errors import UserError
+from clipse.errors import UserError, storage_full_is_one_line
 from clipse.metrics import RetrievalRanks
 from clipse.paths import ADHOC_RUNS_DIR
 
@@ -68,18 +70,55 @@ class TrainResult:
 
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``."""
+    """``write`` a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
+    A write that fails (a full disk) removes the temporary file and leaves ``path`` as it was."""
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        with storage_full_is_one_line(path):
+            write(tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+class _WriteErrorWitness:
+    """The file torch.save writes through, keeping what interrupted a write: torch turns any
+    exception raised while it writes (a full disk, Ctrl-C) into a RuntimeError without the cause."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(payload: dict, path: Path) -> None:
+    with open(path, "wb") as handle:
+        witness = _WriteErrorWitness(handle)
+        try:
+            torch.save(payload, witness)
+        except RuntimeError:
+            if witness.error is None:
+                raise
+            raise witness.error from None
+
+
 def atomic_torch_save(payload: dict, path: Path) -> None:
-    replace_atomically(path, lambda tmp: torch.save(payload, tmp))
+    replace_atomically(path, lambda tmp: _torch_save(payload, tmp))
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -89,20 +128,37 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def append_whole(fd: int, text: str, path: Path) -> None:
+    """Append ``text`` to the file open (for appending) as ``fd``, all of it or none: a write
+    that fails part-way (a full disk) is cut back off, so no half row is left behind."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        with storage_full_is_one_line(path):
+            remaining = memoryview(text.encode())
+            while remaining:
+                remaining = remaining[os.write(fd, remaining):]
+            os.fsync(fd)
+    except BaseException:
+        os.ftruncate(fd, end)
+        raise
+
+
 def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows; a file that exists keeps its own header (a run resumed by a newer clipse
-    does not grow columns its header lacks)."""
+    """Append rows, whole or not at all; a file that exists keeps its own header (a run resumed
+    by a newer clipse does not grow columns its header lacks)."""
     if not rows:
         return
     header = None
     if path.exists() and path.stat().st_size:
         with open(path, newline="") as handle:
             header = next(csv.reader(handle))
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header or list(rows[0]), extrasaction="ignore")
-        if header is None:
-            writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header or list(rows[0]), extrasaction="ignore")
+    if header is None:
+        writer.writeheader()
+    writer.writerows(rows)
+    with open(path, "ab", buffering=0) as handle:
+        append_whole(handle.fileno(), buffer.getvalue(), path)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -3,9 +3,10 @@
 Storage: an Optuna RDB URL (``sqlite:///...``, ``postgresql://...``) or a plain file path,
 which means a journal file (optuna-dashboard's convention). The default is the journal file
 ``studies/<study>/journal.log``: several processes can write it at once without "database is
-locked", optuna-dashboard opens it, and on a shared filesystem SLURM jobs on many nodes can use
-it too. A password in a PostgreSQL URL is taken out of the URL at once (``secure_storage``) and
-handed to workers through ``PGPASSWORD``, so it is never printed or written to a file.
+locked", optuna-dashboard opens it, on a shared filesystem SLURM jobs on many nodes can use it
+too, and a crash mid-write cannot destroy it (``clipse.journal``). A password in a PostgreSQL
+URL is taken out of the URL at once (``secure_storage``) and handed to workers through
+``PGPASSWORD``, so it is never printed or written to a file.
 
 Lost trials: a worker that dies (killed, preempted, out of memory) stops beating its heartbeat
 (a trial attribute refreshed every few seconds, so it works on every storage). A sweep fails
@@ -26,11 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from clipse.config import TrainConfig
 from clipse.errors import UserError
+from clipse.journal import open_journal
 
 SETTINGS_ATTR = "clipse:settings"    # study user attr: StudySettings
 OWNER_ATTR = "clipse:owner"          # trial user attr: identity of the worker running it, and its session
@@ -144,9 +145,9 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
         if is_rdb_url(storage):
             kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
             return optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
-        path = Path(storage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        return optuna.storages.JournalStorage(open_journal(Path(storage)))
+    except UserError:
+        raise
     except (ImportError, ModuleNotFoundError) as exc:
         raise UserError(f"storage {storage}: a driver is missing ({exc}); for PostgreSQL: pip install 'psycopg[binary]'") from None
     except Exception as exc:  # sqlalchemy / OS errors: unreachable server, bad URL, no permission

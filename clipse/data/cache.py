@@ -3,12 +3,15 @@
 Cache files live under ``$CLIPSE_CACHE/tensors``, named by a hash of what they were made from
 (image paths with size and modification time, the split and the resolution; or the captions
 and the tokenizer), so a changed file or setting makes a new entry instead of a stale hit.
-Writes go through a temporary file and an atomic rename, so concurrent workers are safe.
+Writes go through a temporary file and an atomic rename, so concurrent workers are safe (on
+network filesystems too: no lock is needed); a write that fails (a full disk, a read-only
+cache) is one warning, and the run goes on without that entry.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +26,7 @@ from clipse.errors import UserError
 from clipse.paths import cache_dir
 
 CACHE_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 def _digest(parts: Sequence[str]) -> str:
@@ -44,11 +48,17 @@ def _load_or_build(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
         except (OSError, ValueError):
             pass  # a damaged entry is rebuilt below
     array = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk or a read-only cache: go on without the cache entry
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        log.warning("cannot write the cache entry %s (%s); going on without it", path, exc.strerror or exc)
     return array
 
 
