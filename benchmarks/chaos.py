@@ -1,7 +1,8 @@
-"""Chaos soak: a local search with several workers while a seeded schedule of faults hits it,
-then checks that the study lost nothing.
+"""Chaos soak: a search with several workers (local processes or SLURM jobs) while a seeded
+schedule of faults hits it, then checks that the study lost nothing.
 
-    python benchmarks/chaos.py [--faults 20] [--trials 12] [--workers 4] [--seed 0] [--keep DIR]
+    python benchmarks/chaos.py [--faults 20] [--trials 16] [--workers 4] [--seed 0] [--executor local|slurm]
+                               [--keep DIR]
 
 Faults (a fixed mix in an order drawn with the seed; each but a torn journal waits until the
 study has moved on since the last one):
@@ -20,7 +21,12 @@ command runs to the end, and the soak checks and prints:
     with its value;
   - every retried trial resumed from its last checkpoint: no epoch its lost attempt had reported
     was trained again (the epochs the completed trials needed vs those trained twice).
-Exit status 0 when every check holds, 1 otherwise. The SLURM variant is not written yet.
+Exit status 0 when every check holds, 1 otherwise.
+
+With ``--executor slurm`` the trials are jobs of the SLURM cluster (``scripts/slurm_cluster.sh``
+brings up a one-node one), a killed worker is the job's process, and one more fault joins:
+  requeue-job          ``scontrol requeue`` of a running trial's job (it must continue its trial)
+At the end the soak cancels the jobs it saw, and only those.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ from clipse.study import OWNER_ATTR, RETRY_OF_ATTR, RUN_DIR_ATTR, count_trials  
 STUDY = "chaos"
 TORN = b'{"op_code":8,"worker_id":"chaos","trial_id":0,"user_attr":{"torn'
 # the default schedule's mix, per 20 faults (restarting the command costs the most time)
-FAULTS = {"kill-worker": 9, "tear-journal": 7, "kill-coordinator": 2, "sigterm-coordinator": 1, "sigint-coordinator": 1}
+FAULTS = {"kill-worker": 10, "tear-journal": 7, "kill-coordinator": 1, "sigterm-coordinator": 1, "sigint-coordinator": 1}
+SLURM_FAULTS = {**FAULTS, "kill-worker": 7, "requeue-job": 3}
+SLURM_FLAGS = ["--cpus-per-task", "1", "--mem-gb", "2", "--slurm-poll", "1", "--time-min", "20"]
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "3"]
 
@@ -72,8 +80,9 @@ class Soak:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "clipse.search", "--space", "baseline", "--trials", str(self.args.trials),
                 "--study", STUDY, "--studies-dir", str(self.workdir / "studies"), "--seed", str(self.args.seed),
-                "--executor", "local", "--workers", str(self.args.workers), "--pruner", "none",
-                "--max-retries", "100", "--heartbeat-grace", "20", "--data-root", str(self.workdir / "shapes"), *TINY]
+                "--executor", self.args.executor, "--workers", str(self.args.workers), "--pruner", "none",
+                "--max-retries", "100", "--heartbeat-grace", "20", "--data-root", str(self.workdir / "shapes"), *TINY,
+                *(SLURM_FLAGS if self.args.executor == "slurm" else [])]
 
     def start(self) -> None:
         log = open(self.workdir / "search.log", "a")
@@ -148,6 +157,11 @@ class Soak:
                     handle.write(TORN)
             finally:
                 lock.release()
+        elif fault == "requeue-job":
+            jobs = self.running_jobs()
+            if not jobs or subprocess.run(["scontrol", "requeue", self.rng.choice(jobs)],
+                                          capture_output=True).returncode != 0:
+                return False
         elif fault == "kill-coordinator":
             self.stop_and_restart(lambda: self.process.send_signal(signal.SIGKILL))
         elif fault == "sigterm-coordinator":
@@ -157,7 +171,21 @@ class Soak:
         self.applied[fault] = self.applied.get(fault, 0) + 1
         return True
 
+    def slurm_jobs(self, states=None) -> list[str]:
+        study = self.study()
+        jobs = []
+        for t in study.get_trials(deepcopy=False, states=states) if study else []:
+            job, task = t.user_attrs.get("slurm_job_id"), t.user_attrs.get("slurm_array_task_id")
+            if job:
+                jobs.append(f"{job}_{task}" if task is not None else str(job))
+        return jobs
+
+    def running_jobs(self) -> list[str]:
+        return self.slurm_jobs((TrialState.RUNNING,))
+
     def cleanup(self) -> None:
+        if self.args.executor == "slurm" and (jobs := self.slurm_jobs()):
+            subprocess.run(["scancel", *jobs], capture_output=True)  # only this soak's jobs
         for group in self.groups:
             try:
                 os.killpg(group, signal.SIGKILL)
@@ -173,17 +201,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def schedule(rng: random.Random, faults: int) -> list[str]:
-    """``faults`` faults in the mix of FAULTS (scaled, at least one of each kind), in seeded order."""
-    total = sum(FAULTS.values())
-    planned = [kind for kind, share in FAULTS.items() for _ in range(max(1, round(faults * share / total)))]
+def schedule(rng: random.Random, faults: int, mix: dict[str, int]) -> list[str]:
+    """``faults`` faults in ``mix`` (scaled, at least one of each kind), in seeded order."""
+    total = sum(mix.values())
+    planned = [kind for kind, share in mix.items() for _ in range(max(1, round(faults * share / total)))]
     rng.shuffle(planned)
     return planned[:faults]
 
 
 def run_soak(soak: Soak) -> None:
     soak.start()
-    planned = schedule(soak.rng, soak.args.faults)
+    planned = schedule(soak.rng, soak.args.faults, SLURM_FAULTS if soak.args.executor == "slurm" else FAULTS)
     soak.wait_for_progress(0)  # the first epoch: the study and its workers are up
     since = soak.progress()
     for number, fault in enumerate(planned, start=1):
@@ -266,9 +294,11 @@ def verify(soak: Soak) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--faults", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--executor", choices=("local", "slurm"), default="local",
+                        help="slurm: trials as jobs of the cluster SLURM_CONF names (adds requeue-job faults)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds the last run may take")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()

@@ -26,6 +26,7 @@ REGISTRY_COLUMNS = (
     + [f"val_{k}" for k in METRIC_KEYS] + [f"test_{k}" for k in METRIC_KEYS]
     + ["duration_s", "host", "versions", "git_commit", "run_dir", "finished_at"]
 )
+OUTCOME_KEYS = ("run_id", "status", "epochs_done")  # one row per outcome of a run
 
 
 @lru_cache(maxsize=1)
@@ -48,16 +49,24 @@ def host() -> str:
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one row, whole or not at all, under an exclusive lock (``clipse.locks``); the header
-    is written by whoever finds the file empty. A registry written by another clipse version
-    keeps its own columns."""
+    """Append one row, whole or not at all, under an exclusive lock (``clipse.locks``), unless the
+    registry already holds this run's row for this outcome (same run id, status and epochs: a
+    crash between ``result.json`` and its row is repaired by resuming, without a duplicate). The
+    header is written by whoever finds the file empty; a registry written by another clipse
+    version keeps its own columns."""
+    outcome = [str(row.get(key, "")) for key in OUTCOME_KEYS]
     with exclusive_lock(path), open(path, "a+b", buffering=0) as handle:
         handle.seek(0)
-        header_line = handle.readline().decode()
-        columns = next(csv.reader([header_line])) if header_line.strip() else list(REGISTRY_COLUMNS)
+        text = handle.read().decode()
+        lines = csv.reader(io.StringIO(text))
+        columns = next(lines, None) or list(REGISTRY_COLUMNS)
+        if all(key in columns for key in OUTCOME_KEYS):
+            at = [columns.index(key) for key in OUTCOME_KEYS]
+            if any(len(line) == len(columns) and [line[i] for i in at] == outcome for line in lines):
+                return
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-        if not header_line.strip():
+        if not text.strip():
             writer.writeheader()
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
         append_whole(handle.fileno(), buffer.getvalue(), path)

@@ -95,7 +95,8 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
     started = time.perf_counter()
     folder = RunFolder(config.run_dir or default_run_dir())
     finished = folder.start(config)
-    if finished is not None:
+    if finished is not None:  # its registry row too, in case a crash came between the two
+        registry.append_row(Path(config.registry), registry.registry_row(config, finished))
         return finished
 
     if config.threads:

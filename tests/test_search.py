@@ -24,7 +24,7 @@ from clipse.search import main as search_main
 from clipse.study import (HEARTBEAT_ATTR, LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage,
                           retry_lost_trial, sweep_lost_trials)
 
-from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for, was_retried
+from helpers import epochs_done, load_study, wait_for, was_retried
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
@@ -256,19 +256,6 @@ def test_a_diverged_trial_returns_its_best_value_before_the_divergence(tmp_path,
     assert list(trial.intermediate_values) == [1] and trial.value == trial.intermediate_values[1] > 0
 
 
-@pytest.mark.slow
-def test_four_local_workers_reach_the_exact_total(tmp_path):
-    result = cli(tmp_path, *search_args(tmp_path, "debias", 8, "--workers", "4"))
-    assert result.returncode == 0, result.stderr
-    assert "database is locked" not in result.stdout + result.stderr
-    study = load_study(tmp_path, "debias")
-    assert set(states(study)) <= {TrialState.COMPLETE, TrialState.PRUNED}
-    counts = count_trials(study)
-    assert counts.finished == 8 and counts.running == 0 and len(study.get_trials()) == 8
-    pids = {t.user_attrs[OWNER_ATTR]["pid"] for t in study.get_trials()}
-    assert len(pids) > 1  # really ran in several processes
-
-
 SLOW_TRIAL = ["--shapes-train-images", "400", "--epochs", "3"]  # long enough to be interrupted mid-trial
 
 
@@ -319,21 +306,6 @@ def test_killed_coordinator_then_rerun_recovers(tmp_path):
     assert first.state == TrialState.FAIL and "is gone" in first.system_attrs[LOST_ATTR]
     counts = count_trials(study)
     assert counts.complete == 1 and counts.running == 0 and counts.failed == 0
-
-
-@pytest.mark.slow
-def test_sigkilled_local_worker_is_replaced_and_its_trial_retried(tmp_path):
-    args = search_args(tmp_path, "baseline", 2, "--pruner", "none", "--workers", "2", *SLOW_TRIAL)
-    process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
-    victim = load_study(tmp_path, "baseline").get_trials()[0]
-    worker_pid = victim.user_attrs[OWNER_ATTR]["pid"]
-    assert worker_pid != process.pid
-    os.kill(worker_pid, signal.SIGKILL)
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
-    assert_first_trial_retried(load_study(tmp_path, "baseline"), total=2)
 
 
 def _free_port() -> int:

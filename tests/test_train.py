@@ -144,6 +144,22 @@ def test_a_crash_between_checkpoint_and_rows_is_repaired_on_resume(tiny, tmp_pat
         pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
+def test_a_crash_between_result_and_registry_row_is_repaired_on_resume(tiny, monkeypatch):
+    from clipse import registry
+
+    config = tiny(epochs=1)
+    original = registry.append_row
+    monkeypatch.setattr(registry, "append_row", lambda path, row: (_ for _ in ()).throw(CrashAfterCheckpoint()))
+    with pytest.raises(CrashAfterCheckpoint):
+        train(config)
+    assert (Path(config.run_dir) / "result.json").exists() and not Path(config.registry).exists()
+    monkeypatch.setattr(registry, "append_row", original)
+    for _ in range(2):  # the first resume writes the missing row, the second adds no duplicate
+        assert train(config.replace(resume=True)).status == "completed"
+    rows = read_csv(Path(config.registry))
+    assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["run_dir"] == config.run_dir
+
+
 def test_a_checkpoint_from_before_pending_rows_still_resumes(tiny):
     """Checkpoints written by an earlier clipse have no "rows": resuming one must work."""
     config = tiny(epochs=3)
