@@ -14,11 +14,13 @@ study has moved on since the last one):
   sigint-coordinator   Ctrl-C: SIGINT to the command's whole process group, as a terminal sends it
 After a fault that stops the command, the same command is run again. After the schedule, the
 command runs to the end, and the soak checks and prints:
-  - the study reached its total, and no trial is left RUNNING or WAITING;
+  - every stop of the command is one a fault explains (130 after SIGTERM and Ctrl-C), and its
+    last run ends with 0;
+  - the study reached its total, and no trial is left RUNNING or WAITING; the journal is sound;
   - no COMPLETE or PRUNED record seen during the soak was lost or changed;
   - no two completed trials share a run folder, and each folder's settings are its trial's;
-  - every completed trial's run folder, checkpoints, result.json and registry row exist and agree
-    with its value;
+  - every completed trial's run folder, checkpoints, result.json and its one registry row exist
+    and agree with its value;
   - every retried trial resumed from its last checkpoint: no epoch its lost attempt had reported
     was trained again (the epochs the completed trials needed vs those trained twice).
 Exit status 0 when every check holds, 1 otherwise.
@@ -49,6 +51,7 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from clipse.journal import check_journal  # noqa: E402
 from clipse.run_folder import RunFolder, read_csv  # noqa: E402
 from clipse.study import OWNER_ATTR, RETRY_OF_ATTR, RUN_DIR_ATTR, count_trials  # noqa: E402
 
@@ -72,6 +75,7 @@ class Soak:
     seen_finished: dict[int, tuple[str, float | None]] = field(default_factory=dict)
     applied: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
+    unexpected: list[str] = field(default_factory=list)  # exits the faults do not explain
 
     @property
     def journal(self) -> Path:
@@ -130,13 +134,16 @@ class Soak:
                 return
             time.sleep(0.3)
 
-    def stop_and_restart(self, send) -> None:
+    def stop_and_restart(self, send, expected_exit: int) -> None:
         send()
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+            self.unexpected.append("the command did not stop within 60 s")
+        if self.process.returncode != expected_exit:
+            self.unexpected.append(f"the command exited {self.process.returncode}, expected {expected_exit}")
         self.restarts += 1
         self.start()
 
@@ -163,11 +170,11 @@ class Soak:
                                           capture_output=True).returncode != 0:
                 return False
         elif fault == "kill-coordinator":
-            self.stop_and_restart(lambda: self.process.send_signal(signal.SIGKILL))
+            self.stop_and_restart(lambda: self.process.send_signal(signal.SIGKILL), -signal.SIGKILL)
         elif fault == "sigterm-coordinator":
-            self.stop_and_restart(lambda: self.process.send_signal(signal.SIGTERM))
+            self.stop_and_restart(lambda: self.process.send_signal(signal.SIGTERM), 130)
         elif fault == "sigint-coordinator":
-            self.stop_and_restart(lambda: os.killpg(self.process.pid, signal.SIGINT))
+            self.stop_and_restart(lambda: os.killpg(self.process.pid, signal.SIGINT), 130)
         self.applied[fault] = self.applied.get(fault, 0) + 1
         return True
 
@@ -226,14 +233,19 @@ def run_soak(soak: Soak) -> None:
         since = soak.progress()
     if soak.running():
         soak.process.wait(timeout=soak.args.timeout)
-    if soak.process.returncode != 0:  # stopped by the last fault: run once more to the end
-        soak.start()
+    if soak.process.returncode != 0:
+        soak.unexpected.append(f"the command exited {soak.process.returncode} between faults")
+        soak.start()  # once more to the end, to see what else was lost
         soak.process.wait(timeout=soak.args.timeout)
+    if soak.process.returncode != 0:
+        soak.unexpected.append(f"the last run of the command exited {soak.process.returncode}")
 
 
 def verify(soak: Soak) -> list[str]:
     """The soak's checks; returns the ones that failed."""
-    problems = []
+    problems = list(soak.unexpected)
+    if soak.journal.exists() and check_journal(soak.journal).corrupt_line is not None:
+        problems.append(check_journal(soak.journal).describe())
     study = soak.study()
     if study is None:
         raise SystemExit(f"the search never created its study; see {soak.workdir / 'search.log'}")
@@ -266,9 +278,9 @@ def verify(soak: Soak) -> list[str]:
             problems.append(f"trial {t.number}: run folder trained other parameters")
         if result.status != "completed" or result.best_value != t.value:
             problems.append(f"trial {t.number}: result.json says {result.status} {result.best_value}, trial {t.value}")
-        rows = [r for r in registry if r["run_dir"] == str(folder.path) and r["status"] == "completed"]
-        if not rows or any(abs(float(r["val_r1_mean"]) - t.value) > 1e-12 for r in rows):
-            problems.append(f"trial {t.number}: registry row missing or disagrees")
+        rows = [r for r in registry if r["run_dir"] == str(folder.path)]
+        if len(rows) != 1 or rows[0]["status"] != "completed" or abs(float(rows[0]["val_r1_mean"]) - t.value) > 1e-12:
+            problems.append(f"trial {t.number}: {len(rows)} registry rows, not one that agrees")
 
     retrained = 0  # epochs a lost attempt had reported that its retry's folder shows trained again
     for retry in (t for t in trials if RETRY_OF_ATTR in t.user_attrs and t.state == TrialState.COMPLETE):
@@ -281,11 +293,14 @@ def verify(soak: Soak) -> list[str]:
         retrained += sum(int(r["trained_by_pid"]) not in earlier_pids for r in rows)
     if retrained:
         problems.append(f"{retrained} epochs reported before a fault were trained again")
+    torn_cut = len(list(soak.journal.parent.glob("journal.log.torn-*")))
+    if soak.applied.get("tear-journal") and not torn_cut:
+        problems.append("torn journal records were written, and none was cut")
     soak.summary = {
         "faults": sum(soak.applied.values()), "by_kind": soak.applied, "restarts": soak.restarts,
         "complete": counts.complete, "retries": sum(RETRY_OF_ATTR in t.user_attrs for t in trials),
         "epochs_needed": sum(len(RunFolder(t.user_attrs[RUN_DIR_ATTR]).epoch_rows()) for t in complete),
-        "epochs_retrained": retrained, "torn_tails_cut": len(list(soak.journal.parent.glob("journal.log.torn-*"))),
+        "epochs_retrained": retrained, "torn_tails_cut": torn_cut,
         "finished_records_checked": len(soak.seen_finished), "lost": len(problems),
     }
     return problems

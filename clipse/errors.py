@@ -29,6 +29,10 @@ class StorageFull(UserError):
 STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
+def is_storage_full(exc: BaseException) -> bool:
+    return isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS)
+
+
 @contextlib.contextmanager
 def storage_full_is_one_line(path: Path) -> Iterator[None]:
     """Turn a write that failed for want of space into ``StorageFull`` naming ``path``."""
@@ -55,8 +59,10 @@ def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[s
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)
+        # (where SIGTERM is ignored, as a supervisor may arrange, it stays ignored)
+        handle_term = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+        previous = signal.signal(signal.SIGTERM, _interrupt) if handle_term else None
         try:
             return main(argv) or EXIT_OK
         except UserError as exc:
@@ -65,6 +71,9 @@ def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[s
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        finally:
+            if handle_term:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

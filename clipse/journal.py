@@ -91,21 +91,22 @@ def cut_torn_tail(path: Path) -> Path | None:
     """Move a torn last record aside; the caller holds the journal's lock. Returns the file it
     went to, or None when the journal ends with a newline."""
     try:
-        size = path.stat().st_size
+        if path.stat().st_size == 0:
+            return None
     except FileNotFoundError:
         return None
-    if size == 0:
-        return None
     with open(path, "r+b") as handle:
-        handle.seek(size - 1)
-        if handle.read(1) == b"\n":
+        data = handle.read()
+        if not data or data.endswith(b"\n"):
             return None
-        handle.seek(0)
-        keep = handle.read().rfind(b"\n") + 1
-        handle.seek(keep)
-        torn = handle.read()
+        keep = data.rfind(b"\n") + 1
+        torn = data[keep:]
         aside = path.with_name(f"{path.name}.torn-{_stamp()}-{os.getpid()}")
         aside.write_bytes(torn)
+        if os.fstat(handle.fileno()).st_size != len(data):
+            # someone wrote meanwhile (a writer that took over a lock it judged stale): cut nothing
+            aside.unlink()
+            return None
         handle.truncate(keep)
         handle.flush()
         os.fsync(handle.fileno())
@@ -137,6 +138,13 @@ def open_journal(path: Path) -> JournalFileBackend:
     warning), a corrupt record refuses the study (UserError)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     check = check_journal(path)
+    if check.corrupt_line is not None:  # read again under the lock: a write in progress can look corrupt
+        plain_lock = JournalFileSymlinkLock(str(path))
+        plain_lock.acquire()
+        try:
+            check = check_journal(path)
+        finally:
+            plain_lock.release()
     if check.corrupt_line is not None:
         raise UserError(check.describe())
     lock = HealingLock(path)
@@ -165,26 +173,41 @@ def _glued_record(line: bytes) -> bytes | None:
     return None
 
 
-def repair_journal(path: Path) -> Repair:
+CREATE_TRIAL = b'{"op_code":4,'  # Optuna numbers trials by how many of these came before
+
+
+def _may_create_trial(line: bytes) -> bool:
+    """Whether an unreadable line may have been a record that created a trial (its op code says
+    so, or cannot be told)."""
+    return line.startswith(CREATE_TRIAL) or not line.startswith(RECORD_START)
+
+
+def repair_journal(path: Path, force: bool = False) -> Repair:
     """Copy the journal aside, then rewrite it with every readable record (see the module doc).
-    Holds the journal's lock; run it while no search uses the study."""
+    Holds the journal's lock; run it while no search uses the study. A line that cannot be read
+    and may have created a trial is dropped only with ``force``: dropping it would renumber
+    every later trial. (A torn record before a glued one is safe to drop: nobody read it.)"""
     lock = JournalFileSymlinkLock(str(path))
     lock.acquire()
     try:
-        backup = path.with_name(f"{path.name}.bak-{_stamp()}")
-        shutil.copy2(path, backup)
         data = path.read_bytes()
         end = data.rfind(b"\n") + 1
         kept: list[bytes] = []
         recovered = dropped = 0
-        for line in data[:end].splitlines(keepends=True):
+        for number, line in enumerate(data[:end].splitlines(keepends=True), start=1):
             if _readable(line):
                 kept.append(line)
             elif (glued := _glued_record(line)) is not None:
                 kept.append(glued)
                 recovered += 1
-            else:
+            elif force or not _may_create_trial(line):
                 dropped += 1
+            else:
+                raise UserError(f"{path}: line {number} cannot be read and may have created a "
+                                "trial; dropping it would renumber every later trial. Look at it, then repair "
+                                "with --force to drop it anyway (nothing was changed)")
+        backup = path.with_name(f"{path.name}.bak-{_stamp()}")
+        shutil.copy2(path, backup)
         tmp = path.with_name(f"{path.name}.repair-tmp")
         with open(tmp, "wb") as handle:
             handle.writelines(kept)
@@ -213,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="check: report the journal's state (exit 2 when it needs a repair); "
                              "repair: copy it aside, then keep every readable record")
     parser.add_argument("study", help="a study name (its journal in --studies-dir) or the path of a journal file")
+    parser.add_argument("--force", action="store_true",
+                        help="repair: also drop unreadable lines that may have created a trial (renumbers later trials)")
     parser.add_argument("--studies-dir", type=Path, default=DEFAULT_STUDIES_DIR,
                         help=f"where the studies are (default: {DEFAULT_STUDIES_DIR})")
     args = parser.parse_args(argv)
@@ -224,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(check.describe())
         print(check.describe())
         return 0
-    done = repair_journal(path)
+    done = repair_journal(path, force=args.force)
     print(f"{path}: kept {done.kept} records, recovered {done.recovered} glued behind a torn one, dropped "
           f"{done.dropped} unreadable lines and a torn tail of {done.torn_tail} bytes; the original is in {done.backup}")
     return 0

@@ -24,7 +24,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
 from clipse.config import TrainConfig
-from clipse.errors import StorageFull, UserError
+from clipse.errors import UserError, is_storage_full
 from clipse.executors import worker_environment
 from clipse.paths import StudyFolder
 from clipse.run_folder import RunFolder
@@ -119,7 +119,8 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
     FAIL with the error text in the trial's user attrs; Ctrl-C fails it as retryable and
     re-raises, so that a resumed search runs it again from its checkpoint. A write that failed for
 want of space (``StorageFull``) fails the trial with that line and queues a retry (within the
-study's retries), which resumes from the last checkpoint."""
+study's retries), which resumes from the last checkpoint; so does any other write that failed
+for want of space (a plot, an artifact)."""
     environment = worker_environment()
     study = load_study(ref.name, ref.storage)
     settings = stored_settings(study)
@@ -149,14 +150,12 @@ study's retries), which resumes from the last checkpoint."""
         except KeyboardInterrupt:
             retry_lost_trial(study, _frozen(study, trial.number), "interrupted (Ctrl-C)", max_retries)
             raise
-        except StorageFull as exc:  # the run folder keeps its last checkpoint: a retry resumes it once space is freed
-            text = f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("error", text)
-            retry_lost_trial(study, _frozen(study, trial.number), text, max_retries)
-            return TrialOutcome(trial.number, "FAIL", error=text)
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("error", text)
+            if is_storage_full(exc):  # the run folder keeps its last checkpoint: a retry resumes once space is freed
+                retry_lost_trial(study, _frozen(study, trial.number), text, max_retries)
+                return TrialOutcome(trial.number, "FAIL", error=text)
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
             study.tell(trial, state=TrialState.FAIL)
             return TrialOutcome(trial.number, "FAIL", error=text)

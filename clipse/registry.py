@@ -26,7 +26,7 @@ REGISTRY_COLUMNS = (
     + [f"val_{k}" for k in METRIC_KEYS] + [f"test_{k}" for k in METRIC_KEYS]
     + ["duration_s", "host", "versions", "git_commit", "run_dir", "finished_at"]
 )
-OUTCOME_KEYS = ("run_id", "status", "epochs_done")  # one row per outcome of a run
+OUTCOME_KEYS = ("run_id", "run_dir", "status", "epochs_done")  # one row per outcome of a run
 
 
 @lru_cache(maxsize=1)
@@ -50,7 +50,7 @@ def host() -> str:
 
 def append_row(path: Path, row: dict) -> None:
     """Append one row, whole or not at all, under an exclusive lock (``clipse.locks``), unless the
-    registry already holds this run's row for this outcome (same run id, status and epochs: a
+    registry already holds this run's row for this outcome (same run, status and epochs: a
     crash between ``result.json`` and its row is repaired by resuming, without a duplicate). The
     header is written by whoever finds the file empty; a registry written by another clipse
     version keeps its own columns."""

@@ -83,15 +83,17 @@ def run_workload(executor: Executor, workload: Workload, poll_s: float = POLL_S)
 
 @contextlib.contextmanager
 def _ignoring_ctrl_c():
-    """A second Ctrl-C must not interrupt the clean-up (only the main thread handles signals)."""
+    """A second Ctrl-C or SIGTERM must not interrupt the clean-up (only the main thread handles
+    signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _cancel(executor: Executor, workload: Workload, tasks: list[Task]) -> bool:

@@ -123,3 +123,21 @@ def test_a_finished_study_with_a_torn_journal_resumes_to_its_total(tmp_path, mon
     assert count_trials(optuna.load_study(study_name="baseline", storage=open_storage(str(journal)))).complete == 3
     assert [p.read_bytes() for p in journal.parent.glob("journal.log.torn-*")] == [TORN]
     assert check_journal(journal).sound
+
+
+def test_repair_will_not_renumber_trials_unless_forced(tmp_path, capsys):
+    """An unreadable line that may have created a trial (not a torn record with one glued behind
+    it): dropping it would shift every later trial's id, so repair refuses without --force."""
+    journal = tmp_path / "journal.log"
+    plain_study(journal, trials=3)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    second_created = [i for i, line in enumerate(lines) if line.startswith(b'{"op_code":4,')][1]
+    lines[second_created] = lines[second_created][:20] + b"\n"  # damaged in place, newline kept
+    journal.write_bytes(b"".join(lines))
+    before = journal.read_bytes()
+    assert journal_main(["repair", str(journal)]) == 2
+    assert f"line {second_created + 1} cannot be read and may have created a trial" in capsys.readouterr().err
+    assert journal.read_bytes() == before and not list(tmp_path.glob("journal.log.bak-*"))
+    assert journal_main(["repair", "--force", str(journal)]) == 0
+    assert "dropped 1 unreadable lines" in capsys.readouterr().out
+    assert check_journal(journal).sound
