@@ -20,6 +20,7 @@ interrupted ones resume from their last checkpoint, and a run whose worker died 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shlex
 import sys
@@ -225,9 +226,7 @@ def run_final(options: FinalOptions) -> FinalResult:
     """Plan, train (reusing finished runs) and report; see the module docstring. Progress goes
     to stderr. Ctrl-C stops the runs and returns a result with ``interrupted`` set."""
     check_at_least(options, 1, "top_k", "seeds", "resamples")
-    if options.storage is None:
-        return _final(options, None)
-    with secure_storage(options.storage) as storage:
+    with secure_storage(options.storage) if options.storage else contextlib.nullcontext() as storage:
         return _final(options, storage)
 
 

@@ -91,19 +91,23 @@ def cut_torn_tail(path: Path) -> Path | None:
     """Move a torn last record aside; the caller holds the journal's lock. Returns the file it
     went to, or None when the journal ends with a newline."""
     try:
-        if path.stat().st_size == 0:
-            return None
+        handle = open(path, "r+b")
     except FileNotFoundError:
         return None
-    with open(path, "r+b") as handle:
-        data = handle.read()
-        if not data or data.endswith(b"\n"):
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
             return None
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":  # the usual case, read on every append: one byte
+            return None
+        handle.seek(0)
+        data = handle.read(size)
         keep = data.rfind(b"\n") + 1
         torn = data[keep:]
         aside = path.with_name(f"{path.name}.torn-{_stamp()}-{os.getpid()}")
         aside.write_bytes(torn)
-        if os.fstat(handle.fileno()).st_size != len(data):
+        if os.fstat(handle.fileno()).st_size != size:
             # someone wrote meanwhile (a writer that took over a lock it judged stale): cut nothing
             aside.unlink()
             return None

@@ -117,10 +117,9 @@ def _outcome(frozen: optuna.trial.FrozenTrial) -> TrialOutcome:
 def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
     """Take one trial of the study, train it, report it. Exceptions inside the trial become a
     FAIL with the error text in the trial's user attrs; Ctrl-C fails it as retryable and
-    re-raises, so that a resumed search runs it again from its checkpoint. A write that failed for
-want of space (``StorageFull``) fails the trial with that line and queues a retry (within the
-study's retries), which resumes from the last checkpoint; so does any other write that failed
-for want of space (a plot, an artifact)."""
+    re-raises, so that a resumed search runs it again from its checkpoint. Any write that failed
+    for want of space (a checkpoint, a row, a plot) fails the trial with that line and queues a
+    retry (within the study's retries), which resumes from the last checkpoint."""
     environment = worker_environment()
     study = load_study(ref.name, ref.storage)
     settings = stored_settings(study)

@@ -82,7 +82,7 @@ def run_workload(executor: Executor, workload: Workload, poll_s: float = POLL_S)
 
 
 @contextlib.contextmanager
-def _ignoring_ctrl_c():
+def _ignoring_interrupts():
     """A second Ctrl-C or SIGTERM must not interrupt the clean-up (only the main thread handles
     signals)."""
     if threading.current_thread() is not threading.main_thread():
@@ -97,7 +97,7 @@ def _ignoring_ctrl_c():
 
 
 def _cancel(executor: Executor, workload: Workload, tasks: list[Task]) -> bool:
-    with _ignoring_ctrl_c():
+    with _ignoring_interrupts():
         stopped = executor.cancel([t for t in tasks if not t.finished])
         workload.stopped(stopped)
         return stopped
