@@ -22,6 +22,7 @@ from clipse.errors import UserError
 from clipse.fields import add_argument, choices_of, default_of, is_optional, key_of, keys_in_group, kind_of, setting
 from clipse.losses import LOSSES, ContrastiveLoss, loss_defaults, loss_names, loss_parameters
 from clipse.paths import ADHOC_RUNS_DIR, DEFAULT_STUDIES_DIR, registry_file
+from clipse.trackers import tracking_problems
 
 DEVICES = ("auto", "cpu", "cuda")
 SELECT_METRICS = ("val_r1_mean", "val_i2t_r1", "val_t2i_r1", "val_rsum")
@@ -79,6 +80,15 @@ class TrainConfig:
     trial: int | None = setting(None, "trial number within the study (for the registry)")
     resume: bool = setting(False, "continue from the run folder's last checkpoint")
     progress: bool = setting(True, "show a progress bar per epoch")
+    # tracking (docs/trackers.md): where else the run is recorded; the run folder always is
+    report_to: str = setting("none", "experiment trackers that record the run as it trains: none, tensorboard, mlflow "
+                                     "(several separated by commas)", group="tracking")
+    mlflow_uri: str | None = setting(None, "MLflow tracking URI (http://host:port of an mlflow server, "
+                                           "sqlite:///file.db, ...); unset: mlflow.db beside --registry",
+                                     shown_default="sqlite:///studies/mlflow.db", group="tracking")
+    mlflow_experiment: str = setting("clipse", "MLflow experiment of the run", group="tracking")
+    mlflow_parent_run: str | None = setting(None, "MLflow run id to nest this run under (a study's run)",
+                                            group="tracking")
 
     def __post_init__(self):
         """Every registered loss parameter gets a value (its default unless given)."""
@@ -132,6 +142,7 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)}: must not be negative")
         if self.init_temperature <= 0:
             problems.append(f"init_temperature={self.init_temperature}: must be positive")
+        problems += tracking_problems(self)
         if self.data != "shapes" and not self.data_root:
             problems.append(f"data={self.data} needs data_root (--data-root)")
         if problems:
@@ -143,6 +154,10 @@ class TrainConfig:
 DATA_KEYS = keys_in_group(TrainConfig, "data")
 MODEL_KEYS = keys_in_group(TrainConfig, "model")
 TEST_SET_KEYS = (*DATA_KEYS, "model")
+# Settings of the experiment trackers: they change where a run is recorded, not what it computes.
+TRACKING_KEYS = keys_in_group(TrainConfig, "tracking")
+# The ones a search or final report takes (the parent run is the study's own, set by the command).
+STUDY_TRACKING_KEYS = tuple(key for key in TRACKING_KEYS if key != "mlflow_parent_run")
 
 
 def name_is_loss_key(key: str) -> bool:
@@ -200,7 +215,8 @@ def coerce_values(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+def read_yaml_document(path: str | Path) -> Any:
+    """A YAML file's content; any problem reading or parsing it is one line naming the file."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -212,6 +228,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read ({exc})") from None
+    return data
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    data = read_yaml_document(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -8,8 +8,9 @@ Takes the study's best configuration(s), trains each with several seeds and the 
 trains the InfoNCE baseline with the same seeds and budget, evaluates every run's best
 validation checkpoint on the test split, and writes to ``studies/<study>/final/``:
 ``runs.csv``, ``summary.csv``, ``summary.md`` (mean ± std, difference to the baseline with a
-95% paired-bootstrap interval), ``dynamics.png``, ``test_metrics.png``, ``search_history.png``
-and ``param_importances.png``.
+95% paired-bootstrap interval), ``dynamics.png``, ``test_metrics.png`` and the search's figures
+(``clipse.report.search_plots``). For a study of several objectives, the configurations come from
+its Pareto front.
 
 The baseline is the best trial of the ``--baseline-study`` study (default ``baseline``) when it
 exists and has a completed trial; otherwise InfoNCE with the non-SANW settings of the best
@@ -25,26 +26,27 @@ import dataclasses
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from clipse.config import TrainConfig
+from clipse.config import STUDY_TRACKING_KEYS, TrainConfig, add_config_arguments, config_overrides
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.executors import DONE, LOST, ExecutorOptions, Task, executor_from_options
 from clipse.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.progress import format_duration
 from clipse.report.dynamics import plot_runs
-from clipse.report.search_plots import plot_history, plot_importances
+from clipse.report.search_plots import plot_search
 from clipse.report.statistics import summary_verdicts
 from clipse.report.summary import RunRecord, write_report
 from clipse.run_folder import RunFolder
 from clipse.spaces import SearchSpace
-from clipse.study import is_rdb_url, open_storage, secure_storage, stored_settings, study_names
+from clipse.study import is_rdb_url, open_storage, ranked_trials, secure_storage, stored_settings, study_names
+from clipse.trackers.study_record import open_study_record
 from clipse.train import train
 from clipse.workload import Workload, run_workload
 
@@ -64,6 +66,8 @@ class FinalOptions:
     baseline_study: str = setting("baseline", "study whose best trial is the baseline, when it exists")
     resamples: int = setting(2000, "bootstrap resamples")
     execution: ExecutorOptions = setting(default_factory=ExecutorOptions, nested=True)
+    # experiment trackers of the runs (report_to, mlflow_uri, mlflow_experiment; docs/trackers.md)
+    tracking: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,10 +125,16 @@ def open_study(name: str, studies_dir: Path, storage: str | None) -> optuna.Stud
 
 
 def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
+    """The k best completed trials; with several objectives, k trials of the Pareto front (by
+    the mean of the objectives), or the whole front when it is smaller."""
+    ranked = ranked_trials(study)
+    if not ranked:
         raise UserError(f"study '{study.study_name}' has no completed trial yet")
-    return sorted(done, key=lambda t: t.value, reverse=True)[:k]
+    return ranked[:k]
+
+
+def describe_values(metrics: list[str], trial: optuna.trial.FrozenTrial) -> str:
+    return ", ".join(f"{metric} {value:.4f}" for metric, value in zip(metrics, trial.values))
 
 
 def trial_settings(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
@@ -143,15 +153,15 @@ def choose_baseline(options: FinalOptions, storage: str | None, best: dict, best
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study is not None else []
         if done:
             trial = best_trials(study, 1)[0]
+            values = describe_values(stored_settings(study).metrics, trial)
             return trial_settings(study, trial), (f"best trial #{trial.number} of study '{options.baseline_study}' "
-                                                  f"(val {trial.value:.4f}), trained here on this study's data "
-                                                  "and budget")
+                                                  f"({values}), trained here on this study's data and budget")
     return {**best, "loss": "infonce"}, (f"InfoNCE with the other settings of {best_label} (no completed "
                                          f"'{options.baseline_study}' study found)")
 
 
-def plan_runs(options: FinalOptions, storage: str | None, study: optuna.Study,
-              folder: StudyFolder) -> tuple[list[PlannedRun], str]:
+def plan_runs(options: FinalOptions, storage: str | None, study: optuna.Study, folder: StudyFolder,
+              tracking: dict[str, Any] | None = None) -> tuple[list[PlannedRun], str]:
     settings = stored_settings(study)
     base = settings.base_config()
     epochs = base.epochs if options.epochs is None else options.epochs
@@ -159,18 +169,22 @@ def plan_runs(options: FinalOptions, storage: str | None, study: optuna.Study,
     baseline, baseline_text = choose_baseline(options, storage, chosen[0][1], chosen[0][0])
     runs = []
     for label, chosen_settings in [(label, c) for label, c, _ in chosen] + [(BASELINE_LABEL, baseline)]:
-        config = TrainConfig.from_mapping(chosen_settings, f"{label} settings", base=base)
+        config = TrainConfig.from_mapping({**chosen_settings, **(tracking or {})}, f"{label} settings", base=base)
         for seed in range(options.seeds):
             runs.append(PlannedRun(label, seed, config.replace(
                 epochs=epochs, seed=seed, eval_test=True, resume=True, progress=False, study=f"{study.study_name}/final",
-                trial=None, select_metric=settings.metric, registry=str(folder.registry),
+                trial=None, registry=str(folder.registry),
+                **({} if settings.multi_objective else {"select_metric": settings.metric}),
                 run_dir=str(folder.final_run(label, seed))).validate()))
     lines = [f"# Final evaluation of study '{study.study_name}'", "",
-             "- configurations: " + "; ".join(f"`{label}` ({settings.metric} {t.value:.4f}, loss {c['loss']})"
-                                              for label, c, t in chosen),
+             "- configurations: " + "; ".join(f"`{label}` ({describe_values(settings.metrics, t)}, loss {c['loss']})"
+                                              for label, c, t in chosen)
+             + (f" (the Pareto front of {', '.join(settings.metrics)}"
+                + (f"; it holds {len(chosen)} of the {options.top_k} asked for)" if len(chosen) < options.top_k else ")")
+                if settings.multi_objective else ""),
              f"- baseline: {baseline_text}",
              f"- seeds {', '.join(str(s) for s in range(options.seeds))}; {epochs} epochs per run; each run's best "
-             f"validation epoch ({settings.metric}) is evaluated on the test split"]
+             f"validation epoch ({runs[0].config.select_metric}) is evaluated on the test split"]
     return runs, "\n".join(lines)
 
 
@@ -233,7 +247,9 @@ def run_final(options: FinalOptions) -> FinalResult:
 def _final(options: FinalOptions, storage: str | None) -> FinalResult:
     study = open_study(options.study, options.studies_dir, storage)
     folder = StudyFolder.of(options.studies_dir, options.study)
-    runs, intro = plan_runs(options, storage, study, folder)
+    TrainConfig.from_mapping(options.tracking, "tracking settings").validate()
+    record = open_study_record(options.tracking, folder.registry, options.study)
+    runs, intro = plan_runs(options, storage, study, folder, record.run_settings)
     label = f"final {options.study}"
     todo = [r for r in runs if not finished(r)]
     print(f"[{label}] {len(runs) - len(todo)} of {len(runs)} runs already finished; training {len(todo)}",
@@ -242,6 +258,7 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
         executor = executor_from_options(options.execution, folder.final_slurm, job_name=f"{options.study}-final")
         workload = RunWorkload(todo, options.execution, label)
         if run_workload(executor, workload).interrupted:
+            record.close(finished=False)
             return FinalResult(options.study, storage, folder.final, {}, [], {}, interrupted=True)
         if workload.diverged:
             raise UserError(f"runs diverged (a non-finite loss): {', '.join(workload.diverged)}; those settings do not "
@@ -254,9 +271,10 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
     files = write_report(records, BASELINE_LABEL, folder.final, intro, options.resamples)
     files["dynamics"] = plot_runs([(r.folder.path, r.label) for r in runs], folder.final / "dynamics.png",
                                   title=f"final runs of '{options.study}'")
-    files["search_history"] = plot_history(study, folder.final / "search_history.png")
-    files["param_importances"] = plot_importances(study, folder.final / "param_importances.png")
+    files.update(plot_search(study, folder.final))
     summary = _read_summary(files["summary_csv"])
+    record.log_files(files.values(), artifact_path="final")
+    record.close(finished=True)
     return FinalResult(options.study, storage, folder.final, files, summary, summary_verdicts(summary, BASELINE_LABEL))
 
 
@@ -274,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clipse.final", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, FinalOptions)
+    add_config_arguments(parser.add_argument_group("experiment trackers of the runs (docs/trackers.md)"),
+                         only=STUDY_TRACKING_KEYS)
     return parser
 
 
@@ -281,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     configure_logging()
-    options = from_arguments(FinalOptions, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    options = from_arguments(FinalOptions, args, tracking=config_overrides(args))
     result = run_final(options)
     if result.interrupted:
         shown = [a.replace(options.storage, result.storage) if options.storage else a for a in argv]

@@ -5,7 +5,9 @@ one trial (a queued retry first, else a new one from the sampler; after a SLURM 
 trial its job was already running), trains it with heartbeats, and tells the study the result.
 
 The objective reports the chosen validation metric after every epoch (pruning) and returns the
-best epoch's value (the checkpoint the final report uses). A run whose loss turned non-finite
+best epoch's value (the checkpoint the final report uses). A study of several objectives is not
+pruned; its checkpoint is the epoch with the best ``val_r1_mean`` (the trainer's default) and it
+returns each objective's value at that epoch. A run whose loss turned non-finite
 returns the best value it reached before (0 if none) and is marked ``status: diverged``.
 Parameters that cannot train (e.g. m1 >= m2) are pruned before training, with the reason in
 the ``rejected`` user attr. Every metric, the run folder and the SANW weight statistics are
@@ -18,6 +20,7 @@ import math
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -40,7 +43,7 @@ DIVERGED_VALUE = 0.0
 class TrialOutcome:
     number: int          # -1 when the task found no trial left to run
     state: str
-    value: float | None = None
+    value: float | list[float] | None = None   # one value per objective when there are several
     error: str | None = None
 
 
@@ -54,20 +57,22 @@ class StudyRef:
     session: str = ""
     total: int | None = None            # no task asks for a trial beyond the study's total
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
+    tracking: tuple[tuple[str, Any], ...] = ()  # tracking settings of every trial (clipse.trackers.study_record)
 
     @property
     def folder(self) -> StudyFolder:
         return StudyFolder(Path(self.study_dir))
 
 
-def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metric: str, base: TrainConfig) -> float:
+def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metrics: list[str],
+              base: TrainConfig) -> float | list[float]:
     params = space.suggest(trial)
     retry_dir = trial.user_attrs.get(RUN_DIR_ATTR)
     run_dir = Path(retry_dir) if retry_dir else ref.folder.trial_run(trial.number)
     trial.set_user_attr(RUN_DIR_ATTR, str(run_dir))
-    config = TrainConfig.from_mapping(params, f"space {space.name}", base=base).replace(
+    config = TrainConfig.from_mapping({**params, **dict(ref.tracking)}, f"space {space.name}", base=base).replace(
         run_dir=str(run_dir), study=ref.name, trial=trial.number, resume=bool(retry_dir), progress=False,
-        registry=str(ref.folder.registry), select_metric=metric)
+        registry=str(ref.folder.registry), **({} if len(metrics) > 1 else {"select_metric": metrics[0]}))
     try:
         config.validate()
     except UserError as exc:
@@ -75,10 +80,10 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metric: st
         raise optuna.TrialPruned(str(exc)) from None
 
     def report(epoch: EpochReport) -> bool:
-        trial.report(epoch.metrics[metric], step=epoch.epoch)
+        trial.report(epoch.metrics[metrics[0]], step=epoch.epoch)
         return trial.should_prune()
 
-    result = train(config, [report])
+    result = train(config, [report] if len(metrics) == 1 else [])
     trial.set_user_attr("status", result.status)
     trial.set_user_attr("epochs_done", result.epochs_done)
     trial.set_user_attr("seconds", round(result.seconds, 2))
@@ -89,8 +94,9 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metric: st
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_done}")
     if result.status == "diverged":
         trial.set_user_attr("diverged_step", result.diverged_step)
-        return result.best_value if math.isfinite(result.best_value) else DIVERGED_VALUE
-    return result.best_value
+    if len(metrics) > 1:  # each objective at the checkpoint's epoch
+        return [result.best_metrics.get(m, DIVERGED_VALUE) for m in metrics]
+    return result.best_value if math.isfinite(result.best_value) else DIVERGED_VALUE
 
 
 def _attach_artifacts(trial: optuna.Trial, ref: StudyRef, run: RunFolder) -> None:
@@ -111,7 +117,9 @@ def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
 
 
 def _outcome(frozen: optuna.trial.FrozenTrial) -> TrialOutcome:
-    return TrialOutcome(frozen.number, frozen.state.name, value=frozen.value, error=frozen.user_attrs.get("error"))
+    values = frozen.values or []
+    return TrialOutcome(frozen.number, frozen.state.name, value=values[0] if len(values) == 1 else values or None,
+                        error=frozen.user_attrs.get("error"))
 
 
 def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
@@ -142,7 +150,7 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
         trial.set_user_attr(key, value)
     with Heartbeat(trial, ref.heartbeat_s):
         try:
-            value = objective(trial, ref, space, settings.metric, base)
+            value = objective(trial, ref, space, settings.metrics, base)
         except optuna.TrialPruned as pruned:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialOutcome(trial.number, "PRUNED", error=str(pruned) or None)

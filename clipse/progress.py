@@ -44,7 +44,8 @@ class ProgressLine:
         remaining = max(0, self.total - counts.finished)
         eta = f"ETA {format_duration(elapsed / done_here * remaining)}" if done_here and remaining else (
             "ETA --" if remaining else "done")
-        best = f"best {counts.best_value:.4f} (#{counts.best_number})" if counts.best_value is not None else "best --"
+        best = f"best {counts.best_value:.4f} (#{counts.best_number})" if counts.best_value is not None else (
+            f"Pareto front {counts.front}" if counts.front else "best --")
         return (f"[{self.label}] {counts.finished}/{self.total} trials done ({counts.complete} complete, "
                 f"{counts.pruned} pruned, {counts.failed} failed) | {counts.running} running | {best} | "
                 f"{format_duration(elapsed)} elapsed | {eta}")

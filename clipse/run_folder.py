@@ -34,14 +34,14 @@ import numpy as np
 import torch
 
 from clipse.checkpoints import read_checkpoint
-from clipse.config import TrainConfig, config_yaml, load_config_file
+from clipse.config import TRACKING_KEYS, TrainConfig, config_yaml, load_config_file
 from clipse.errors import UserError, storage_full_is_one_line
 from clipse.metrics import RetrievalRanks
 from clipse.paths import ADHOC_RUNS_DIR
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUME_FREE_KEYS = frozenset({"resume", "progress", "threads", "device", "registry", "run_dir", "study", "trial",
-                              "eval_test", "log_every"})
+                              "eval_test", "log_every", *TRACKING_KEYS})
 
 
 @dataclass
@@ -234,18 +234,23 @@ class RunFolder:
         atomic_write_text(self.config_file, config_yaml(config))
         return None
 
-    def rewind(self, epoch: int, step: int, pending: dict | None = None) -> None:
+    def rewind(self, epoch: int, step: int, pending: dict | None = None) -> tuple[list[dict], dict | None]:
         """Make the CSVs agree with the checkpoint a run resumes from (epoch, step): drop rows
         written after it, and write its own rows (``pending``, kept in the checkpoint) where a
-        crash came between saving the checkpoint and appending them."""
+        crash came between saving the checkpoint and appending them. Returns the rows it wrote
+        (step rows, epoch row or None)."""
         truncate_csv(self.training_csv, "step", step)
         truncate_csv(self.epochs_csv, "epoch", epoch)
         if not pending:
-            return
+            return [], None
         last_step = max((int(row["step"]) for row in read_csv(self.training_csv)), default=0)
-        self.append_steps([row for row in pending["steps"] if row["step"] > last_step])
+        steps = [row for row in pending["steps"] if row["step"] > last_step]
+        self.append_steps(steps)
+        epoch_row = None
         if max((int(row["epoch"]) for row in self.epoch_rows()), default=0) < epoch:
-            self.append_epoch(pending["epoch"])
+            epoch_row = pending["epoch"]
+            self.append_epoch(epoch_row)
+        return steps, epoch_row
 
     # -- rows -----------------------------------------------------------------------------------
     def append_steps(self, rows: list[dict]) -> None:

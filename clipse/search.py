@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
-from clipse.config import DATA_KEYS, MODEL_KEYS, SELECT_METRICS, TrainConfig, add_config_arguments, config_overrides
+from clipse.config import (DATA_KEYS, MODEL_KEYS, SELECT_METRICS, STUDY_TRACKING_KEYS, TrainConfig,
+                           add_config_arguments, config_overrides, read_yaml_document)
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.executors import BACKENDS, Executor, ExecutorOptions, Task, executor_from_options
 from clipse.fields import add_arguments, check_at_least, from_arguments, setting
@@ -37,7 +37,9 @@ from clipse.objective import StudyRef, TrialOutcome, run_trial_task
 from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.progress import ProgressLine
 from clipse.spaces import SearchSpace, available_spaces, load_space
-from clipse.study import (PRUNERS, SAMPLERS, StudySettings, TrialCounts, count_trials, create_or_load,
+from clipse.study_samplers import SAMPLER_KINDS, SAMPLERS, check_sampler, grid_size
+from clipse.trackers.study_record import open_study_record
+from clipse.study import (PRUNERS, StudySettings, ranked_trials, TrialCounts, count_trials, create_or_load,
                           default_of_setting, open_storage, secure_storage, stored_settings, study_names,
                           sweep_lost_trials, sweep_session)
 from clipse.tables import markdown_table
@@ -63,14 +65,17 @@ class SearchOptions:
     studies_dir: Path = setting(DEFAULT_STUDIES_DIR, "where study folders live")
     seed: int | None = setting(None, "seed of the sampler and of every trial's training",
                                shown_default=default_of_setting("seed"))
-    metric: str | None = setting(None, "objective (the best epoch's value)", choices=SELECT_METRICS,
+    metric: str | None = setting(None, "objective: the best epoch's value of one metric, or several comma-separated "
+                                 f"for a multi-objective study (of {', '.join(SELECT_METRICS)})",
                                  shown_default=default_of_setting("metric"))
-    sampler: str | None = setting(None, "tpe (multivariate, constant liar) or random", choices=SAMPLERS,
-                                  shown_default=default_of_setting("sampler"))
+    sampler: str | None = setting(None, "; ".join(f"{name}: {kind.help}" for name, kind in SAMPLER_KINDS.items()),
+                                  choices=SAMPLERS, shown_default=default_of_setting("sampler"))
     startup_trials: int | None = setting(None, "random trials before TPE models the space",
                                          shown_default=default_of_setting("startup_trials"))
-    pruner: str | None = setting(None, "stops poor trials early from their per-epoch curve", choices=PRUNERS,
-                                 shown_default=default_of_setting("pruner"))
+    pruner: str | None = setting(None, "stops poor trials early from their per-epoch curve (off for several "
+                                 "objectives)", choices=PRUNERS, shown_default=default_of_setting("pruner"))
+    enqueue: str | None = setting(None, "parameter sets the first trials use: a YAML file holding a list of mappings, "
+                                  "or 'defaults' (the documented defaults of the space's settings); added once")
     heartbeat_grace: float | None = setting(
         None, "seconds without a heartbeat before a running trial counts as lost (workers known to have ended "
         "are noticed at once)", shown_default=", ".join(f"{name} {backend.heartbeat_grace_s:.0f}"
@@ -78,6 +83,9 @@ class SearchOptions:
     execution: ExecutorOptions = setting(default_factory=ExecutorOptions, nested=True)
     # training settings fixed for every trial (keys as in YAML files: epochs, data_root, ...)
     training: dict[str, Any] = field(default_factory=dict)
+    # experiment trackers of the trials (report_to, mlflow_uri, mlflow_experiment): not stored
+    # with the study, so a resumed search may record elsewhere
+    tracking: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,7 +94,10 @@ class SearchResult:
     storage: str                 # as optuna-dashboard opens it (never with a password)
     study_dir: Path
     counts: TrialCounts
-    top: list[dict[str, Any]]    # the best completed trials, best first: trial, value, epochs, w_std, params
+    metrics: list[str]           # the objective(s)
+    total: int                   # the study's trial total (--trials, or the grid size when smaller)
+    top: list[dict[str, Any]]    # the best completed trials, best first: trial, value (or each metric's value
+                                 # with several objectives: the Pareto front), epochs, w_std, params
     interrupted: bool = False
     left_running: bool = False   # interrupted with --detach: the jobs (and their trials) run on
 
@@ -104,9 +115,17 @@ def resolve_settings(options: SearchOptions, existing: StudySettings | None, spa
                      name: str) -> StudySettings:
     """The new study's settings, or the existing study's after checking the options agree."""
     given = {key: getattr(options, key) for key in STUDY_KEYS if getattr(options, key) is not None}
+    if "metric" in given:
+        given["metric"] = checked_metrics(given["metric"])
     base = dict(options.training)
-    TrainConfig.from_mapping(base, "training settings").validate()  # fail before anything is created
+    TrainConfig.from_mapping({**base, **options.tracking}, "training settings").validate()  # before anything is created
     if existing is None:
+        objectives = len(given.get("metric", default_of_setting("metric")).split(","))
+        if objectives > 1:
+            if given.get("pruner", "none") != "none":
+                raise UserError(f"--pruner {given['pruner']}: Optuna cannot prune a study of several objectives")
+            given["pruner"] = "none"
+        check_sampler(given.get("sampler", default_of_setting("sampler")), space, objectives)
         seed = given.pop("seed", default_of_setting("seed"))
         return StudySettings(space=space.name, space_digest=space.digest, space_definition=space.to_dict(),
                              seed=seed, base={**base, "seed": seed}, **given)
@@ -124,11 +143,22 @@ def resolve_settings(options: SearchOptions, existing: StudySettings | None, spa
     return existing
 
 
+def checked_metrics(text: str) -> str:
+    """``--metric``: one metric or several, comma-separated, each a validation metric, none twice."""
+    metrics = [m.strip() for m in text.split(",")]
+    unknown = [m for m in metrics if m not in SELECT_METRICS]
+    if unknown:
+        raise UserError(f"--metric {unknown[0]!r}: not a validation metric (choose from {', '.join(SELECT_METRICS)})")
+    if len(set(metrics)) != len(metrics):
+        raise UserError(f"--metric {text}: names a metric twice")
+    return ",".join(metrics)
+
+
 def top_trials(study: optuna.Study, limit: int = 10) -> list[dict[str, Any]]:
-    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
-                  reverse=True)[:limit]
-    return [{"trial": t.number, "value": t.value, "epochs": t.user_attrs.get("epochs_done"),
-             "w_std": t.user_attrs.get("weights_weight_std"), **t.params} for t in done]
+    metrics = stored_settings(study).metrics
+    values = (lambda t: dict(zip(metrics, t.values))) if len(metrics) > 1 else (lambda t: {"value": t.value})
+    return [{"trial": t.number, **values(t), "epochs": t.user_attrs.get("epochs_done"),
+             "w_std": t.user_attrs.get("weights_weight_std"), **t.params} for t in ranked_trials(study)[:limit]]
 
 
 class TrialWorkload(Workload):
@@ -172,6 +202,28 @@ class TrialWorkload(Workload):
                           self.execution.max_retries)
 
 
+def enqueue_points(study: optuna.Study, space: SearchSpace, source: str, total: int) -> int:
+    """Queue the warm-start points (``--enqueue``) the study does not hold yet, within its total;
+    returns how many were added. A point a trial already used is skipped, so a resumed search
+    enqueues nothing twice."""
+    if source == "defaults":
+        points = [space.defaults()]
+    else:
+        data = read_yaml_document(Path(source))
+        if not isinstance(data, list):
+            raise UserError(f"{source}: expected a YAML list of parameter sets")
+        points = [space.check_point(point, f"{source}: item {i + 1}") for i, point in enumerate(data)]
+    added = 0
+    for point in points:
+        counts = count_trials(study)
+        if counts.finished + counts.running + counts.waiting >= total:
+            break
+        before = len(study.get_trials(deepcopy=False))
+        study.enqueue_trial(point, skip_if_exists=True)
+        added += len(study.get_trials(deepcopy=False)) - before
+    return added
+
+
 def run_search(options: SearchOptions) -> SearchResult:
     """Create or resume the study and run it to its total (see the module docstring). Progress
     goes to stderr. Ctrl-C stops the work and returns a result with ``interrupted`` set."""
@@ -196,21 +248,35 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
     if executor.multi_node and storage.startswith("sqlite"):
         raise UserError(f"storage {storage}: SQLite is not safe for {executor.name} jobs on several nodes; use "
                         "--storage postgresql://... or a journal file on a shared filesystem (the default)")
+    total = options.trials
+    if settings.sampler == "grid" and grid_size(space) < total:
+        total = grid_size(space)
+        print(f"--sampler grid: the grid has {total} points, so the study has {total} trials", file=sys.stderr)
     study = create_or_load(name, backend, settings)
+    enqueued = enqueue_points(study, space, options.enqueue, total) if options.enqueue else 0
+    record = open_study_record(options.tracking, folder.registry, name,
+                               {f"clipse.{key}": str(getattr(settings, key)) for key in ("space", *STUDY_KEYS)})
     ref = StudyRef(name=name, storage=storage, study_dir=str(folder.path),
-                   session=f"{platform.node()}-{os.getpid()}-{int(time.time())}", total=options.trials)
+                   session=f"{platform.node()}-{os.getpid()}-{int(time.time())}", total=total,
+                   tracking=tuple(record.run_settings.items()))
     counts = count_trials(study)
     workers = f" x{options.execution.workers}" if options.execution.backend != "inline" else ""
+    objective = (f"objectives {settings.metric} (Pareto front; pruning is off: Optuna cannot prune several "
+                 "objectives)" if settings.multi_objective else f"objective {settings.metric} (best epoch)")
     print(f"study '{name}' ({'resumed, ' + str(counts.finished) + ' trials finished' if existing else 'new'}) "
-          f"in {storage}\nspace {space.name}: {', '.join(space.params)} | objective {settings.metric} (best epoch) | "
+          f"in {storage}\nspace {space.name}: {', '.join(space.params)} | {objective} | "
           f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | executor "
-          f"{options.execution.backend}{workers}", file=sys.stderr)
+          f"{options.execution.backend}{workers}" + (f" | {enqueued} trial(s) enqueued" if enqueued else ""),
+          file=sys.stderr)
     grace = executor.heartbeat_grace_s if options.heartbeat_grace is None else options.heartbeat_grace
     workload = TrialWorkload(study, ref, options.execution, grace)
-    with ProgressLine(name, options.trials, lambda: count_trials(study)):
+    with ProgressLine(name, total, lambda: count_trials(study)):
         end = run_workload(executor, workload)
-    return SearchResult(study=name, storage=storage, study_dir=folder.path, counts=count_trials(study),
-                        top=top_trials(study), interrupted=end.interrupted, left_running=end.detached)
+    counts = count_trials(study)
+    record.close(finished=counts.finished >= total, metrics={"trials_complete": counts.complete, **(
+        {"best_value": counts.best_value} if counts.best_value is not None else {"pareto_front": counts.front})})
+    return SearchResult(study=name, storage=storage, study_dir=folder.path, counts=counts,
+                        metrics=settings.metrics, total=total, top=top_trials(study), interrupted=end.interrupted, left_running=end.detached)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,11 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=f"spaces: {', '.join(available_spaces())}")
     add_arguments(parser, SearchOptions)
     add_config_arguments(parser.add_argument_group("training settings fixed for every trial"), only=TRAINING_KEYS)
+    add_config_arguments(parser.add_argument_group("experiment trackers of the trials (docs/trackers.md)"),
+                         only=STUDY_TRACKING_KEYS)
     return parser
 
 
 def options_from_args(args: argparse.Namespace) -> SearchOptions:
-    return from_arguments(SearchOptions, args, training=config_overrides(args))
+    given = config_overrides(args)
+    return from_arguments(SearchOptions, args, training={k: v for k, v in given.items() if k in TRAINING_KEYS},
+                          tracking={k: v for k, v in given.items() if k in STUDY_TRACKING_KEYS})
 
 
 @cli_main
@@ -237,18 +307,19 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from_args(build_parser().parse_args(argv))
     result = run_search(options)
     counts = result.counts
-    print(f"\ntop trials of '{result.study}' ({counts.complete} complete, {counts.pruned} pruned, "
+    shown_values = result.metrics if len(result.metrics) > 1 else ["value"]
+    heading = "Pareto front" if len(result.metrics) > 1 else "top trials"
+    print(f"\n{heading} of '{result.study}' ({counts.complete} complete, {counts.pruned} pruned, "
           f"{counts.failed} failed):")
-    params = list(dict.fromkeys(k for row in result.top for k in row if k not in ("trial", "value", "epochs",
-                                                                                   "w_std")))
-    print(markdown_table(result.top, ["trial", "value", "epochs", "w_std", *params]) if result.top
-          else "(no completed trial)")
+    columns = ["trial", *shown_values, "epochs", "w_std"]
+    params = list(dict.fromkeys(k for row in result.top for k in row if k not in columns))
+    print(markdown_table(result.top, [*columns, *params]) if result.top else "(no completed trial)")
     print(f"\nstudy folder: {result.study_dir}")
     print(f"watch it:     {result.dashboard_command}")
     if result.interrupted:
         state = f"{counts.running} left running in detached jobs" if result.left_running else "none left running"
         shown = [a.replace(options.storage, result.storage) if options.storage else a for a in argv]
-        print(f"\ninterrupted: {counts.finished}/{options.trials} trials finished, {state}. Resume (or watch) with:\n"
+        print(f"\ninterrupted: {counts.finished}/{result.total} trials finished, {state}. Resume (or watch) with:\n"
               f"  python -m clipse.search {' '.join(shlex.quote(a) for a in shown)}", file=sys.stderr)
         return 130
     if counts.complete == 0:

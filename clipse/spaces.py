@@ -26,7 +26,7 @@ from typing import Any
 
 import optuna
 
-from clipse.config import coerce_value, read_yaml_mapping, setting_fields, unknown_key_message
+from clipse.config import TrainConfig, coerce_value, read_yaml_mapping, setting_fields, unknown_key_message
 from clipse.errors import UserError
 from clipse.fields import kind_of
 from clipse.paths import PROJECT_ROOT
@@ -54,6 +54,12 @@ class Param:
             return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
         return trial.suggest_categorical(self.key, list(self.choices))
 
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` (already of the setting's type) is a point of this parameter."""
+        if self.type == "categorical":
+            return value in self.choices
+        return self.low <= value <= self.high
+
     def covers(self, low: float, high: float) -> bool:
         if self.type == "categorical":
             return low in self.choices and high in self.choices
@@ -71,6 +77,27 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Config keys -> values for one trial: the fixed settings plus the sampled ones."""
         return {**self.fixed, **{key: param.suggest(trial) for key, param in self.params.items()}}
+
+    def check_point(self, point: Any, where: str) -> dict[str, Any]:
+        """A user-written set of parameter values (a warm start), checked against the space.
+        Parameters it leaves out are chosen by the sampler."""
+        if not isinstance(point, dict) or not point:
+            raise UserError(f"{where}: expected a mapping of parameter values, got {point!r}")
+        checked = {}
+        for key, value in point.items():
+            if key not in self.params:
+                raise UserError(f"{where}: '{key}' is not a parameter of space {self.name} "
+                                f"({', '.join(self.params)})")
+            checked[key] = coerce_value(key, value, where)
+            if not self.params[key].admits(checked[key]):
+                raise UserError(f"{where}: {key}={value!r} is outside the space's range")
+        return checked
+
+    def defaults(self) -> dict[str, Any]:
+        """The documented default (``TrainConfig`` or the loss's own) of each parameter the space
+        admits; parameters whose default lies outside the space are left to the sampler."""
+        documented = TrainConfig().to_mapping()
+        return {key: documented[key] for key, param in self.params.items() if param.admits(documented[key])}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able definition: a study stores it, so its workers need no space file."""

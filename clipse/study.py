@@ -22,6 +22,7 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +33,8 @@ from optuna.trial import FrozenTrial, TrialState
 from clipse.config import TrainConfig
 from clipse.errors import UserError
 from clipse.journal import open_journal
+from clipse.spaces import SearchSpace
+from clipse.study_samplers import build_sampler
 
 SETTINGS_ATTR = "clipse:settings"    # study user attr: StudySettings
 OWNER_ATTR = "clipse:owner"          # trial user attr: identity of the worker running it, and its session
@@ -41,7 +44,6 @@ RETRY_OF_ATTR = "retry_of"           # trial user attr of a retry: the number of
 ATTEMPT_ATTR = "attempt"             # trial user attr: 1 for a first try, 2 for its first retry, ...
 RUN_DIR_ATTR = "run_dir"             # trial user attr: the trial's run folder (a retry resumes it)
 HEARTBEAT_INTERVAL_S = 10.0
-SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "percentile", "hyperband", "none")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -66,17 +68,19 @@ class StudySettings:
         """The training configuration every trial starts from (before the space's values)."""
         return TrainConfig.from_mapping(self.base, f"study settings ({self.space})")
 
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives: one metric, or several for a multi-objective study (all maximised)."""
+        return self.metric.split(",")
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
     def build_sampler(self, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
-        """Each worker builds a fresh sampler per trial, so its seed moves with the number of
-        trials already in the study: reproducible for one in-process worker, and never the
-        same random draw twice."""
-        seed = self.seed * 1_000_003 + trials_so_far
-        if self.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        # set explicitly: multivariate TPE models parameter interactions; the constant liar
-        # keeps parallel workers from sampling the same point while trials are running
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=self.startup_trials)
+        """Each worker builds a fresh sampler per trial (``clipse.study_samplers``)."""
+        return build_sampler(self.sampler, self.seed, self.startup_trials, SearchSpace.from_dict(self.space_definition),
+                             len(self.metrics), trials_so_far)
 
     def build_pruner(self) -> optuna.pruners.BasePruner:
         if self.pruner == "median":
@@ -164,9 +168,13 @@ def study_names(backend: optuna.storages.BaseStorage) -> list[str]:
 
 def create_or_load(name: str, backend: optuna.storages.BaseStorage, settings: StudySettings) -> optuna.Study:
     """Create the study with ``settings`` or load it; a loaded study keeps its own settings."""
-    study = optuna.create_study(study_name=name, storage=backend, direction="maximize", load_if_exists=True,
+    study = optuna.create_study(study_name=name, storage=backend, directions=["maximize"] * len(settings.metrics),
+                                load_if_exists=True,
                                 sampler=settings.build_sampler(), pruner=settings.build_pruner())
     if SETTINGS_ATTR not in study.user_attrs:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(settings.metrics)  # shown by optuna-dashboard and Optuna's plots
         study.set_user_attr(SETTINGS_ATTR, asdict(settings))
     return study
 
@@ -194,6 +202,14 @@ def load_study(name: str, storage: str) -> optuna.Study:
                              pruner=settings.build_pruner())
 
 
+def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials, best first. With several objectives, only the Pareto front, ordered by
+    the mean of the objectives (the front has no order of its own)."""
+    if len(study.directions) > 1:
+        return sorted(study.best_trials, key=lambda t: (-sum(t.values) / len(t.values), t.number))
+    return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (-t.value, t.number))
+
+
 # ----------------------------------------------------------------------------------------------
 # counting towards the study's total
 
@@ -208,6 +224,7 @@ class TrialCounts:
     waiting: int = 0
     best_value: float | None = None
     best_number: int | None = None
+    front: int = 0           # multi-objective studies: trials on the Pareto front (best_value stays None)
 
     @property
     def finished(self) -> int:
@@ -226,7 +243,7 @@ def count_trials(study: optuna.Study, session: str | None = None) -> TrialCounts
     for t in trials:
         if t.state == TrialState.COMPLETE:
             counts.complete += 1
-            if counts.best_value is None or t.value > counts.best_value:
+            if len(t.values) == 1 and (counts.best_value is None or t.value > counts.best_value):
                 counts.best_value, counts.best_number = t.value, t.number
         elif t.state == TrialState.PRUNED:
             counts.pruned += 1
@@ -239,6 +256,8 @@ def count_trials(study: optuna.Study, session: str | None = None) -> TrialCounts
                 counts.running_elsewhere += 1
         elif t.state == TrialState.WAITING:
             counts.waiting += 1
+    if len(study.directions) > 1:
+        counts.front = len(study.best_trials)
     return counts
 
 
@@ -294,8 +313,9 @@ def lost_reason(trial: FrozenTrial, grace_s: float, worker_gone: WorkerGone, now
 
 
 def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retries: int) -> bool:
-    """Fail a lost trial and, within ``max_retries``, add a retry with the same parameters and
-    reported epochs that resumes its run folder. Safe when several sweepers race: only the one
+    """Fail a lost trial and, within ``max_retries``, add a retry with the same parameters,
+    reported epochs and sampler state (the grid point it stands for, a CMA-ES generation) that
+    resumes its run folder. Safe when several sweepers race: only the one
     whose FAIL lands adds the retry. Returns whether this call failed the trial."""
     attempt = int(trial.user_attrs.get(ATTEMPT_ATTR, 1))
     try:
@@ -309,6 +329,7 @@ def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_r
             attrs[RUN_DIR_ATTR] = trial.user_attrs[RUN_DIR_ATTR]
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=attrs,
+            system_attrs={k: v for k, v in trial.system_attrs.items() if k != LOST_ATTR},
             intermediate_values=trial.intermediate_values))
     return True
 

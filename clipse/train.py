@@ -33,6 +33,7 @@ from clipse.metrics import METRIC_KEYS
 from clipse.models import list_models
 from clipse.run_folder import RunFolder, TrainResult, default_run_dir
 from clipse.samplers import TopicalBatchSampler, random_batches
+from clipse.trackers import TrackerGroup, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,25 @@ def warmup_fraction(config: TrainConfig, epoch_progress: float) -> float:
 def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResult:
     """Train one run as configured; see the module docstring for outputs and resuming."""
     config.validate()
-    callbacks = list(callbacks)
     started = time.perf_counter()
     folder = RunFolder(config.run_dir or default_run_dir())
     finished = folder.start(config)
     if finished is not None:  # its registry row too, in case a crash came between the two
         registry.append_row(Path(config.registry), registry.registry_row(config, finished))
         return finished
+    trackers = open_trackers(config, folder)
+    try:
+        result = train_in_folder(config, list(callbacks), folder, trackers, started)
+    except BaseException as error:
+        trackers.abort(error)
+        raise
+    trackers.finish(result, folder)
+    return result
 
+
+def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunFolder, trackers: TrackerGroup,
+                    started: float) -> TrainResult:
+    """``train`` in a run folder it started: every row goes to the folder, then to ``trackers``."""
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -139,7 +151,11 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         best_value, best_epoch, best_metrics = state["best_value"], state["best_epoch"], state["best_metrics"]
         last_metrics, weight_means = state["last_metrics"], state["weight_stats"]
         log.info("%s: resuming after epoch %d (step %d)", folder.path, start_epoch, global_step)
-    folder.rewind(start_epoch, global_step, state.get("rows") if state is not None else None)
+    repaired_steps, repaired_epoch = folder.rewind(start_epoch, global_step,
+                                                   state.get("rows") if state is not None else None)
+    trackers.log_steps(repaired_steps)
+    if repaired_epoch is not None:
+        trackers.log_epoch(repaired_epoch)
 
     status, diverged_step, epochs_done = "completed", None, start_epoch
     model.train()
@@ -196,6 +212,7 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         bar.close()
         if status == "diverged":
             folder.append_steps(step_rows)
+            trackers.log_steps(step_rows)
             log.warning("%s: non-finite loss at step %d; the run stops as diverged", folder.path, diverged_step)
             break
 
@@ -221,6 +238,8 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         })
         folder.append_steps(step_rows)  # after the checkpoint: a row announces a saved epoch
         folder.append_epoch(epoch_row)
+        trackers.log_steps(step_rows)
+        trackers.log_epoch(epoch_row)
         epochs_done = epoch + 1
         if config.progress:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {epoch_row['train_loss']:.4f}  "

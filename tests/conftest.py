@@ -185,3 +185,69 @@ def postgres_secret(postgres_server, tmp_path):
     sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
     sql(f"CREATE DATABASE {name} OWNER {name}")
     return f"postgresql://{name}@127.0.0.1:{port}/{name}", password
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite store, proxied artifacts) on a free local port,
+    for the session; yields its http URI. Stopped at the end: the process group it started."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        skip_or_fail("MLflow", "not installed (pip install 'clipse[trackers]')")
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = folder / "server.log"
+    # (without its job runner, which would start a handful of task-queue processes for nothing)
+    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=environment,
+            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the MLflow server did not answer /health within 60 s:\n"
+                            f"{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        group = server.pid  # its own process group (start_new_session): the server and its workers
+
+        def signal_group(sig) -> bool:
+            """Send ``sig`` to the group; False when no process of it is left."""
+            try:
+                os.killpg(group, sig)
+                return True
+            except ProcessLookupError:
+                return False
+
+        signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            server.poll()  # reaps the leader once it exits
+            if not signal_group(0):
+                break
+            time.sleep(0.2)
+        else:
+            signal_group(signal.SIGKILL)
+        server.wait(timeout=10)

@@ -26,8 +26,10 @@ from helpers import load_study
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
-FILES = ["runs.csv", "summary.csv", "summary.md", "dynamics.png", "test_metrics.png", "search_history.png",
-         "param_importances.png"]
+SEARCH_FIGURES = {"search_history": "search_history.png", "param_importances": "param_importances.png",
+                  "intermediate_values": "intermediate_values.png", "timeline": "timeline.png",
+                  "sanw_slice": "sanw_slice.png"}
+FILES = ["runs.csv", "summary.csv", "summary.md", "dynamics.png", "test_metrics.png", *SEARCH_FIGURES.values()]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,7 @@ def test_run_final_returns_the_report(report):
     assert result.report_dir == final and not result.interrupted
     assert {name: path.name for name, path in result.files.items()} == {
         "runs": "runs.csv", "summary_csv": "summary.csv", "summary_md": "summary.md",
-        "test_metrics": "test_metrics.png", "dynamics": "dynamics.png", "search_history": "search_history.png",
-        "param_importances": "param_importances.png"}
+        "test_metrics": "test_metrics.png", "dynamics": "dynamics.png", **SEARCH_FIGURES}
     summary = pd.read_csv(final / "summary.csv")
     assert len(result.summary) == len(summary)
     values = sorted(((row["value"], row["trial"]) for row in search.top), reverse=True)

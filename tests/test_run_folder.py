@@ -100,18 +100,22 @@ def steps(*numbers):
     return [{"epoch": 1 + (n - 1) // 2, "step": n, "loss": 1.0 / n} for n in numbers]
 
 
-@pytest.mark.parametrize("written_steps,written_epochs", [((1, 2, 3, 4, 5), (1, 2, 3)), ((1, 2), (1,)),
-                                                           ((1, 2, 3, 4), (1,)), ((1, 2, 3, 4), (1, 2))])
-def test_rewind_makes_the_rows_agree_with_the_checkpoint(tmp_path, written_steps, written_epochs):
+@pytest.mark.parametrize("written_steps,written_epochs,repaired_steps,repaired_epoch", [
+    ((1, 2, 3, 4, 5), (1, 2, 3), (), False), ((1, 2), (1,), (3, 4), True), ((1, 2, 3, 4), (1,), (), True),
+    ((1, 2, 3, 4), (1, 2), (), False)])
+def test_rewind_makes_the_rows_agree_with_the_checkpoint(tmp_path, written_steps, written_epochs, repaired_steps,
+                                                         repaired_epoch):
     """Checkpoint after epoch 2 (step 4). Rows past it are dropped; rows of epoch 2 that a crash
-    kept from being written come from the checkpoint, once."""
+    kept from being written come from the checkpoint, once, and are returned (for the trackers)."""
     folder = RunFolder(tmp_path)
     folder.append_steps(steps(*written_steps))
     for epoch in written_epochs:
         folder.append_epoch({"epoch": epoch, "train_loss": 1.0 / epoch})
-    folder.rewind(2, 4, {"steps": steps(3, 4), "epoch": {"epoch": 2, "train_loss": 0.5}})
+    pending_epoch = {"epoch": 2, "train_loss": 0.5}
+    written = folder.rewind(2, 4, {"steps": steps(3, 4), "epoch": pending_epoch})
     assert [int(r["step"]) for r in read_csv(folder.training_csv)] == [1, 2, 3, 4]
     assert [int(r["epoch"]) for r in folder.epoch_rows()] == [1, 2]
+    assert written == (steps(*repaired_steps), pending_epoch if repaired_epoch else None)
 
 
 def test_rewind_writes_the_first_epochs_rows_when_none_were_written(tmp_path):
@@ -125,7 +129,7 @@ def test_rewind_to_the_start_drops_every_row(tmp_path):
     folder = RunFolder(tmp_path)
     folder.append_steps(steps(1, 2))
     folder.append_epoch({"epoch": 1, "train_loss": 1.0})
-    folder.rewind(0, 0, None)
+    assert folder.rewind(0, 0, None) == ([], None)
     assert read_csv(folder.training_csv) == [] and folder.epoch_rows() == []
 
 

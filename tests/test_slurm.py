@@ -48,7 +48,9 @@ def squeue(name):
 
 
 def test_trials_run_as_a_job_array_with_fake_gpus(slurm_cluster, tmp_path):
-    result = run(tmp_path, *args_for(tmp_path, "debias", 2, "--workers", "2", "--gpus-per-node", "1"))
+    """... and record to the study's MLflow store (the default SQLite file) from their jobs."""
+    result = run(tmp_path, *args_for(tmp_path, "debias", 2, "--workers", "2", "--gpus-per-node", "1",
+                                     "--report-to", "mlflow"))
     assert result.returncode == 0, result.stderr
     study = load_study(tmp_path, "debias")
     trials = study.get_trials()
@@ -61,6 +63,14 @@ def test_trials_run_as_a_job_array_with_fake_gpus(slurm_cluster, tmp_path):
     script = next((tmp_path / "studies" / "debias" / "slurm").rglob("*_submission.sh")).read_text()
     assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --array=0-1%2" in script
     assert "2/2 trials done" in result.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'studies' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("clipse").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("clipse.role") == "study")
+    nested = sorted(r.data.tags["clipse.trial"] for r in runs
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert nested == ["0", "1"]
 
 
 def test_refused_submission_is_one_line_and_loses_nothing(slurm_cluster, tmp_path):

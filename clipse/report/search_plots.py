@@ -1,5 +1,12 @@
-"""Plots of a search: optimisation history (every trial's value, pruned trials at the value
-they were stopped at, best so far) and parameter importances (Optuna's fANOVA).
+"""Figures of a search, drawn by Optuna's own ``optuna.visualization.matplotlib``:
+
+- ``search_history.png``: every completed trial's value and the best so far (with several
+  objectives: the Pareto front instead);
+- ``param_importances.png``: fANOVA importances of the parameters (per objective);
+- ``intermediate_values.png``: each trial's per-epoch curve, where pruning decided (one objective);
+- ``timeline.png``: when each trial ran and how it ended (workers, retries, pruning);
+- ``sanw_slice.png``: the objective against each SANW parameter (every parameter for a space
+  without loss parameters).
 
     python -m analysis.search_plots STUDY_NAME --storage studies/NAME/journal.log [--out DIR]
 """
@@ -7,66 +14,80 @@ they were stopped at, best so far) and parameter importances (Optuna's fANOVA).
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+import optuna.visualization.matplotlib as optuna_plots  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from clipse.config import name_is_loss_key  # noqa: E402
 from clipse.errors import cli_main  # noqa: E402
-from clipse.study import SETTINGS_ATTR, load_study, secure_storage  # noqa: E402
+from clipse.study import load_study, secure_storage, stored_settings  # noqa: E402
 
 
-def plot_history(study: optuna.Study, out: Path) -> Path:
-    trials = study.get_trials(deepcopy=False)
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    ax.scatter([t.number for t in pruned], [max(t.intermediate_values.values()) for t in pruned], marker="x",
-               color="grey", label="pruned (best epoch before stopping)", s=22)
-    ax.scatter([t.number for t in complete], [t.value for t in complete], color="tab:blue", label="complete", s=22)
-    best, running = [], float("-inf")
-    for t in sorted(complete, key=lambda t: t.number):
-        running = max(running, t.value)
-        best.append((t.number, running))
-    if best:
-        ax.step(*zip(*best), where="post", color="tab:red", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(study.user_attrs.get(SETTINGS_ATTR, {}).get("metric", "objective"))
-    ax.set_title(f"search history of '{study.study_name}'", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_importances(study: optuna.Study, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def _save(draw: Callable[[], object], out: Path, title: str) -> Path:
+    """Draw with Optuna into a new figure and save it; a study too small for the figure (no
+    completed trial, a single parameter value, ...) gets a figure that says so."""
+    plt.close("all")
     try:
-        importances = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)) \
-            if len(complete) >= 2 else {}
-    except (RuntimeError, ValueError):  # e.g. every parameter constant among completed trials
-        importances = {}
-    if importances:
-        names = list(importances)[::-1]
-        ax.barh(names, [importances[n] for n in names], color="tab:blue")
-        ax.set_xlabel("importance (fANOVA, share of the objective's variance)")
-    else:
-        ax.text(0.5, 0.5, f"not enough completed trials ({len(complete)}) to estimate importances",
-                ha="center", va="center", transform=ax.transAxes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning, and Optuna's own notes on small studies
+            axes = draw()
+        figure = np.atleast_1d(axes).flat[0].figure
+    except (ValueError, RuntimeError) as exc:
+        figure, ax = plt.subplots(figsize=(7.5, 4))
+        ax.text(0.5, 0.5, f"not drawn: {exc}", ha="center", va="center", wrap=True, transform=ax.transAxes)
         ax.set_axis_off()
-    ax.set_title(f"parameter importances of '{study.study_name}' ({len(complete)} completed trials)", fontsize=10)
-    fig.tight_layout()
+    figure.suptitle(title, fontsize=10)
+    figure.set_size_inches(max(figure.get_size_inches()[0], 7.5), max(figure.get_size_inches()[1], 4))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    figure.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close("all")
     return out
+
+
+def _mean_of_values(trial: optuna.trial.FrozenTrial) -> float:
+    return float(np.mean(trial.values))
+
+
+def plot_search(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
+    """The search's figures in ``out_dir``; returns name -> path."""
+    settings = stored_settings(study)
+    name, metrics = study.study_name, settings.metrics
+    several = len(metrics) > 1
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    # a slice needs one target; with several objectives it shows their mean
+    target = {"target": _mean_of_values, "target_name": "mean of " + ", ".join(metrics)} if several else {
+        "target_name": metrics[0]}
+    space_params = list(settings.space_definition["params"])
+    sanw = [p for p in space_params if name_is_loss_key(p)] or space_params
+    files = {}
+    if several:
+        files["search_history"] = _save(lambda: optuna_plots.plot_pareto_front(study, target_names=metrics),
+                                        out_dir / "search_history.png", f"Pareto front of '{name}'")
+    else:
+        files["search_history"] = _save(lambda: optuna_plots.plot_optimization_history(study, target_name=metrics[0]),
+                                        out_dir / "search_history.png", f"search history of '{name}'")
+        files["intermediate_values"] = _save(lambda: optuna_plots.plot_intermediate_values(study),
+                                             out_dir / "intermediate_values.png",
+                                             f"per-epoch {metrics[0]} of each trial of '{name}' (pruning)")
+    naming = {} if several else {"target_name": metrics[0]}  # several: Optuna names each by the study's metric names
+    files["param_importances"] = _save(
+        lambda: optuna_plots.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), **naming),
+        out_dir / "param_importances.png", f"parameter importances of '{name}' ({completed} completed trials)")
+    files["timeline"] = _save(lambda: optuna_plots.plot_timeline(study), out_dir / "timeline.png",
+                              f"timeline of '{name}'")
+    files["sanw_slice"] = _save(lambda: optuna_plots.plot_slice(study, params=sanw, **target),
+                                out_dir / "sanw_slice.png", f"objective against {', '.join(sanw)} in '{name}'")
+    return files
 
 
 @cli_main
@@ -77,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)
     with secure_storage(args.storage) as storage:
-        study = load_study(args.study, storage)
-        print(plot_history(study, args.out / "search_history.png"))
-        print(plot_importances(study, args.out / "param_importances.png"))
+        for path in plot_search(load_study(args.study, storage), args.out).values():
+            print(path)
     return 0

@@ -1,0 +1,197 @@
+"""Optuna's samplers, warm starts (--enqueue) and multi-objective studies, through the search's
+Python API and command on tiny data, and the final report of a multi-objective study."""
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from clipse.errors import UserError
+from clipse.final import FinalOptions, run_final
+from clipse.search import SearchOptions, run_search
+from clipse.search import main as search_main
+from clipse.spaces import Param, SearchSpace, load_space
+from clipse.study import open_storage, retry_lost_trial, study_names
+from clipse.study_samplers import SAMPLERS, build_sampler, grid_size, grid_values
+
+from helpers import load_study
+
+TINY_TRAINING = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+                 "epochs": 1}
+# stepped and categorical parameters only, so that the grid sampler can search it too: 3 x 2 x 2 points
+STEPPED_SPACE = {"extends": "_shared", "fixed": {"loss": "sanw_debias"}, "params": {
+    "lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-3, "step": 1.0e-3},
+    "alpha": {"type": "categorical", "choices": [0.1, 0.3]},
+    "topical_batching": {"type": "categorical", "choices": [False, True]}}}
+
+
+@pytest.fixture
+def stepped_space(tmp_path):
+    """The stepped space as a file (without the shared settings: its own params only)."""
+    path = tmp_path / "stepped.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in STEPPED_SPACE.items() if k != "extends"}))
+    return path
+
+
+def options(tmp_path, space, trials, **changes) -> SearchOptions:
+    return SearchOptions(space=str(space), trials=trials, studies_dir=tmp_path / "studies",
+                         training={**TINY_TRAINING, "data_root": str(tmp_path.parent / "shapes-samplers")}, **changes)
+
+
+@pytest.fixture(autouse=True)
+def _run_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_grid_points_of_a_space(stepped_space):
+    space = load_space(str(stepped_space))
+    assert grid_values(space) == {"lr": [0.001, 0.002, 0.003], "alpha": [0.1, 0.3], "topical_batching": [False, True]}
+    assert grid_size(space) == 12
+
+
+def test_grid_needs_stepped_parameters(tmp_path):
+    with pytest.raises(UserError, match="'lr' is a continuous float; give it a step"):
+        run_search(options(tmp_path, "debias", 2, sampler="grid"))
+    assert study_names(open_storage(str(tmp_path / "studies" / "debias" / "journal.log"))) == []  # nothing created
+
+
+def test_a_sampler_for_one_objective_refuses_several(tmp_path, capsys):
+    code = search_main(["--space", "debias", "--trials", "2", "--studies-dir", str(tmp_path / "studies"),
+                        "--sampler", "cmaes", "--metric", "val_i2t_r1,val_t2i_r1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--sampler cmaes optimises one objective" in err[0]
+
+
+def test_several_objectives_cannot_be_pruned_or_named_twice(tmp_path):
+    with pytest.raises(UserError, match="cannot prune a study of several objectives"):
+        run_search(options(tmp_path, "debias", 2, metric="val_i2t_r1,val_t2i_r1", pruner="median"))
+    with pytest.raises(UserError, match="names a metric twice"):
+        run_search(options(tmp_path, "debias", 2, metric="val_i2t_r1,val_i2t_r1"))
+    with pytest.raises(UserError, match="'val_r5': not a validation metric"):
+        run_search(options(tmp_path, "debias", 2, metric="val_i2t_r1,val_r5"))
+
+
+def test_a_retry_keeps_the_grid_point_of_the_lost_trial():
+    """A lost trial's retry must train the same grid point, and the grid still gets every point
+    exactly once among the trials that count."""
+    grid = {"x": [0, 1, 2, 3]}
+    space = SearchSpace(name="g", path=Path("g.yaml"), description="", params={"x": Param("x", "categorical",
+                                                                                          choices=(0, 1, 2, 3))})
+    study = optuna.create_study(sampler=build_sampler("grid", 0, 0, space, 1, 0))
+    lost = study.ask()
+    lost.suggest_categorical("x", grid["x"])
+    assert retry_lost_trial(study, study.get_trials()[0], "its worker died", max_retries=1)
+    for _ in range(4):
+        trial = study.ask()
+        study.tell(trial, float(trial.suggest_categorical("x", grid["x"])))
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert done[0].user_attrs["retry_of"] == 0 and done[0].params == study.get_trials()[0].params
+    assert sorted(t.params["x"] for t in done) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_every_sampler_runs_trials_and_is_kept_on_resume(tmp_path, stepped_space):
+    for sampler in SAMPLERS:
+        name = f"s-{sampler}"
+        result = run_search(options(tmp_path, stepped_space, 1, sampler=sampler, study=name, pruner="none",
+                                    startup_trials=1))
+        assert result.counts.complete == 1, sampler
+        resumed = run_search(options(tmp_path, stepped_space, 2, study=name))  # no --sampler: the stored one
+        assert resumed.counts.complete == 2, sampler
+        study = load_study(tmp_path, name)
+        assert study.user_attrs["clipse:settings"]["sampler"] == sampler
+        points = [json.dumps(t.params, sort_keys=True) for t in study.get_trials()]
+        if sampler in ("grid", "qmc"):
+            assert len(set(points)) == 2, (sampler, points)  # neither repeats a point
+    grid_study = load_study(tmp_path, "s-grid")
+    assert all("grid_id" in t.system_attrs for t in grid_study.get_trials())
+    with pytest.raises(UserError, match="--sampler tpe \\(study has cmaes\\)"):
+        run_search(options(tmp_path, stepped_space, 3, study="s-cmaes", sampler="tpe"))
+
+
+@pytest.mark.slow
+def test_grid_search_trains_each_point_once(tmp_path, stepped_space, capsys):
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({"fixed": {"loss": "infonce"}, "params": {
+        "lr": {"type": "float", "low": 1.0e-3, "high": 2.0e-3, "step": 1.0e-3},
+        "topical_batching": {"type": "categorical", "choices": [False, True]}}}))
+    result = run_search(options(tmp_path, small, 10, sampler="grid", pruner="none"))
+    assert "the grid has 4 points, so the study has 4 trials" in capsys.readouterr().err
+    assert result.total == 4 and result.counts.complete == 4
+    points = sorted((t.params["lr"], t.params["topical_batching"]) for t in load_study(tmp_path, "small").get_trials())
+    assert points == [(0.001, False), (0.001, True), (0.002, False), (0.002, True)]
+
+
+@pytest.mark.slow
+def test_enqueued_points_come_first_and_are_not_repeated(tmp_path, stepped_space):
+    starts = tmp_path / "starts.yaml"
+    starts.write_text(yaml.safe_dump([{"lr": 0.003, "alpha": 0.3, "topical_batching": True}, {"lr": 0.001}]))
+    run_search(options(tmp_path, stepped_space, 3, enqueue=str(starts), pruner="none"))
+    study = load_study(tmp_path, "stepped")
+    first, second = study.get_trials()[:2]
+    assert first.params == {"lr": 0.003, "alpha": 0.3, "topical_batching": True}
+    assert second.params["lr"] == 0.001  # the sampler chose the others
+    run_search(options(tmp_path, stepped_space, 5, enqueue=str(starts)))  # resumed with the same file
+    trials = load_study(tmp_path, "stepped").get_trials()
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sum(t.params == first.params for t in trials) == 1
+
+
+@pytest.mark.slow
+def test_enqueue_defaults_starts_from_the_documented_settings(tmp_path):
+    run_search(options(tmp_path, "bandpass", 1, enqueue="defaults", pruner="none"))
+    trial = load_study(tmp_path, "bandpass").get_trials()[0]
+    assert trial.params == {"lr": 0.002, "weight_decay": 0.1, "init_temperature": 0.03, "topical_batching": False,
+                            "alpha": 0.2, "m1": 0.2, "m2": 0.85, "gamma": 0.75, "rho": 0.5}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("lr: 0.001", "expected a YAML list of parameter sets"),
+    ("- {lr: 0.001, delta: 0.2}", "item 1: 'delta' is not a parameter of space stepped"),
+    ("- {lr: 0.5}", "item 1: lr=0.5 is outside the space's range"),
+    ("- {alpha: 0.2}", "item 1: alpha=0.2 is outside the space's range"),
+    ("- [0.001]", "item 1: expected a mapping of parameter values"),
+])
+def test_bad_enqueue_files_are_one_line(tmp_path, stepped_space, capsys, content, message):
+    starts = tmp_path / "starts.yaml"
+    starts.write_text(content)
+    code = search_main(["--space", str(stepped_space), "--trials", "2", "--studies-dir", str(tmp_path / "studies"),
+                        "--enqueue", str(starts)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1], err
+
+
+@pytest.mark.slow
+def test_multi_objective_study_and_its_report(tmp_path, capsys):
+    metrics = ["val_i2t_r1", "val_t2i_r1"]
+    code = search_main(["--space", "debias", "--trials", "4", "--studies-dir", str(tmp_path / "studies"),
+                        "--metric", ",".join(metrics), "--data-root", str(tmp_path.parent / "shapes-samplers"),
+                        *[f"--{k.replace('_', '-')}={v}" for k, v in TINY_TRAINING.items()], "--epochs", "2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "pruning is off" in out.err and "Pareto front of 'debias'" in out.out
+    study = load_study(tmp_path, "debias")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE] * 2 and study.metric_names == metrics
+    trials = study.get_trials()
+    assert all(t.state == TrialState.COMPLETE and not t.intermediate_values for t in trials)
+    for t in trials:  # each objective at the epoch of the best val_r1_mean
+        assert t.values == [t.user_attrs[m] for m in metrics]
+        assert math.isclose(t.user_attrs["val_r1_mean"], (t.values[0] + t.values[1]) / 2, rel_tol=1e-6)
+    front = {t.number for t in study.best_trials}
+    for line in out.out.splitlines():
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit():
+            assert int(line.split("|")[1]) in front  # only the front is listed
+
+    result = run_final(FinalOptions(study="debias", seeds=1, top_k=5, resamples=50, studies_dir=tmp_path / "studies"))
+    chosen = {label for label in result.verdicts}
+    assert chosen == {f"trial-{n}" for n in front}
+    summary = result.files["summary_md"].read_text()
+    assert "the Pareto front of val_i2t_r1, val_t2i_r1" in summary and "validation epoch (val_r1_mean)" in summary
+    assert len(front) >= 5 or f"it holds {len(front)} of the 5 asked for" in summary
+    assert {"search_history", "param_importances", "timeline", "sanw_slice"} <= set(result.files)
+    assert "intermediate_values" not in result.files  # nothing is reported per epoch without pruning
+    assert all(path.stat().st_size > 0 for path in result.files.values())
