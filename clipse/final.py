@@ -248,7 +248,7 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
     study = open_study(options.study, options.studies_dir, storage)
     folder = StudyFolder.of(options.studies_dir, options.study)
     TrainConfig.from_mapping(options.tracking, "tracking settings").validate()
-    record = open_study_record(options.tracking, folder.registry, options.study)
+    record = open_study_record(options.tracking, folder.registry, options.study, folder.path)
     runs, intro = plan_runs(options, storage, study, folder, record.run_settings)
     label = f"final {options.study}"
     todo = [r for r in runs if not finished(r)]
@@ -258,7 +258,6 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
         executor = executor_from_options(options.execution, folder.final_slurm, job_name=f"{options.study}-final")
         workload = RunWorkload(todo, options.execution, label)
         if run_workload(executor, workload).interrupted:
-            record.close(finished=False)
             return FinalResult(options.study, storage, folder.final, {}, [], {}, interrupted=True)
         if workload.diverged:
             raise UserError(f"runs diverged (a non-finite loss): {', '.join(workload.diverged)}; those settings do not "
@@ -274,7 +273,6 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
     files.update(plot_search(study, folder.final))
     summary = _read_summary(files["summary_csv"])
     record.log_files(files.values(), artifact_path="final")
-    record.close(finished=True)
     return FinalResult(options.study, storage, folder.final, files, summary, summary_verdicts(summary, BASELINE_LABEL))
 
 

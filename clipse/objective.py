@@ -16,6 +16,7 @@ stored in the trial's user attrs; ``training.csv`` and a dynamics plot become ar
 
 from __future__ import annotations
 
+import logging
 import math
 import traceback
 from dataclasses import dataclass
@@ -34,9 +35,11 @@ from clipse.run_folder import RunFolder
 from clipse.spaces import SearchSpace
 from clipse.study import (HEARTBEAT_INTERVAL_S, OWNER_ATTR, RUN_DIR_ATTR, Heartbeat, count_trials, load_study,
                           retried_numbers, retry_lost_trial, stored_settings, take_back)
+from clipse.trackers import tracking_problems
 from clipse.train import EpochReport, train
 
 DIVERGED_VALUE = 0.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +76,10 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metrics: l
     config = TrainConfig.from_mapping({**params, **dict(ref.tracking)}, f"space {space.name}", base=base).replace(
         run_dir=str(run_dir), study=ref.name, trial=trial.number, resume=bool(retry_dir), progress=False,
         registry=str(ref.folder.registry), **({} if len(metrics) > 1 else {"select_metric": metrics[0]}))
+    untrackable = tracking_problems(config)
+    if untrackable:  # a node without a tracker's package: the trial trains, unrecorded there
+        log.warning("trial %d trains without its trackers: %s", trial.number, untrackable[0])
+        config = config.replace(report_to="none")
     try:
         config.validate()
     except UserError as exc:

@@ -70,7 +70,7 @@ class SearchOptions:
                                  shown_default=default_of_setting("metric"))
     sampler: str | None = setting(None, "; ".join(f"{name}: {kind.help}" for name, kind in SAMPLER_KINDS.items()),
                                   choices=SAMPLERS, shown_default=default_of_setting("sampler"))
-    startup_trials: int | None = setting(None, "random trials before TPE models the space",
+    startup_trials: int | None = setting(None, "random trials before TPE, GP or CMA-ES model the space",
                                          shown_default=default_of_setting("startup_trials"))
     pruner: str | None = setting(None, "stops poor trials early from their per-epoch curve (off for several "
                                  "objectives)", choices=PRUNERS, shown_default=default_of_setting("pruner"))
@@ -202,10 +202,11 @@ class TrialWorkload(Workload):
                           self.execution.max_retries)
 
 
-def enqueue_points(study: optuna.Study, space: SearchSpace, source: str, total: int) -> int:
-    """Queue the warm-start points (``--enqueue``) the study does not hold yet, within its total;
-    returns how many were added. A point a trial already used is skipped, so a resumed search
-    enqueues nothing twice."""
+def warm_start_points(space: SearchSpace, source: str, sampler: str) -> list[dict[str, Any]]:
+    """The parameter sets ``--enqueue`` names, checked against the space (before anything is
+    created, so a bad file leaves no study behind)."""
+    if sampler == "grid":  # Optuna's grid sampler would train some point twice and skip another
+        raise UserError("--enqueue: the grid sampler tries every point of the grid already; drop --enqueue")
     if source == "defaults":
         points = [space.defaults()]
     else:
@@ -213,6 +214,13 @@ def enqueue_points(study: optuna.Study, space: SearchSpace, source: str, total: 
         if not isinstance(data, list):
             raise UserError(f"{source}: expected a YAML list of parameter sets")
         points = [space.check_point(point, f"{source}: item {i + 1}") for i, point in enumerate(data)]
+    return [point for point in points if point]
+
+
+def enqueue_points(study: optuna.Study, points: list[dict[str, Any]], total: int) -> int:
+    """Queue the warm-start points the study does not hold yet, within its total; returns how
+    many were added. A point a trial already used is skipped, so a resumed search enqueues
+    nothing twice."""
     added = 0
     for point in points:
         counts = count_trials(study)
@@ -244,6 +252,7 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
     if name in study_names(backend):
         existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
     settings = resolve_settings(options, existing, space, name)
+    points = warm_start_points(space, options.enqueue, settings.sampler) if options.enqueue else []
     executor = executor_from_options(options.execution, folder.slurm, job_name=name)
     if executor.multi_node and storage.startswith("sqlite"):
         raise UserError(f"storage {storage}: SQLite is not safe for {executor.name} jobs on several nodes; use "
@@ -253,8 +262,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
         total = grid_size(space)
         print(f"--sampler grid: the grid has {total} points, so the study has {total} trials", file=sys.stderr)
     study = create_or_load(name, backend, settings)
-    enqueued = enqueue_points(study, space, options.enqueue, total) if options.enqueue else 0
-    record = open_study_record(options.tracking, folder.registry, name,
+    enqueued = enqueue_points(study, points, total)
+    record = open_study_record(options.tracking, folder.registry, name, folder.path,
                                {f"clipse.{key}": str(getattr(settings, key)) for key in ("space", *STUDY_KEYS)})
     ref = StudyRef(name=name, storage=storage, study_dir=str(folder.path),
                    session=f"{platform.node()}-{os.getpid()}-{int(time.time())}", total=total,
@@ -270,11 +279,17 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
           file=sys.stderr)
     grace = executor.heartbeat_grace_s if options.heartbeat_grace is None else options.heartbeat_grace
     workload = TrialWorkload(study, ref, options.execution, grace)
-    with ProgressLine(name, total, lambda: count_trials(study)):
-        end = run_workload(executor, workload)
+    try:
+        with ProgressLine(name, total, lambda: count_trials(study)):
+            end = run_workload(executor, workload)
+    except BaseException:
+        record.close("FAILED")
+        raise
     counts = count_trials(study)
-    record.close(finished=counts.finished >= total, metrics={"trials_complete": counts.complete, **(
-        {"best_value": counts.best_value} if counts.best_value is not None else {"pareto_front": counts.front})})
+    summary = {"pareto_front": counts.front} if settings.multi_objective else (
+        {"best_value": counts.best_value} if counts.best_value is not None else {})
+    record.close("FINISHED" if counts.finished >= total else "KILLED",
+                 {"trials_complete": counts.complete, **summary})
     return SearchResult(study=name, storage=storage, study_dir=folder.path, counts=counts,
                         metrics=settings.metrics, total=total, top=top_trials(study), interrupted=end.interrupted, left_running=end.detached)
 
@@ -314,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["trial", *shown_values, "epochs", "w_std"]
     params = list(dict.fromkeys(k for row in result.top for k in row if k not in columns))
     print(markdown_table(result.top, [*columns, *params]) if result.top else "(no completed trial)")
+    if len(result.metrics) > 1 and counts.front > len(result.top):
+        print(f"(the first {len(result.top)} of {counts.front} trials on the front, by the mean of the objectives)")
     print(f"\nstudy folder: {result.study_dir}")
     print(f"watch it:     {result.dashboard_command}")
     if result.interrupted:

@@ -80,7 +80,7 @@ class StudySettings:
     def build_sampler(self, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
         """Each worker builds a fresh sampler per trial (``clipse.study_samplers``)."""
         return build_sampler(self.sampler, self.seed, self.startup_trials, SearchSpace.from_dict(self.space_definition),
-                             len(self.metrics), trials_so_far)
+                             trials_so_far)
 
     def build_pruner(self) -> optuna.pruners.BasePruner:
         if self.pruner == "median":

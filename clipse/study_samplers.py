@@ -25,37 +25,37 @@ from clipse.spaces import Param, SearchSpace
 @dataclass(frozen=True)
 class SamplerKind:
     help: str
-    build: Callable[[int, int, SearchSpace, int], optuna.samplers.BaseSampler]  # (seed, startup, space, n_obj)
+    build: Callable[[int, int, SearchSpace], optuna.samplers.BaseSampler]  # (seed, startup trials, space)
     multi_objective: bool = True
     moving_seed: bool = True
 
 
-def _tpe(seed: int, startup: int, space: SearchSpace, objectives: int) -> optuna.samplers.BaseSampler:
+def _tpe(seed: int, startup: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     # multivariate TPE models parameter interactions; the constant liar keeps parallel workers
     # from sampling the same point while trials are running
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
 
 
-def _gp(seed: int, startup: int, space: SearchSpace, objectives: int) -> optuna.samplers.BaseSampler:
+def _gp(seed: int, startup: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
 
 
-def _cmaes(seed: int, startup: int, space: SearchSpace, objectives: int) -> optuna.samplers.BaseSampler:
+def _cmaes(seed: int, startup: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     # categorical parameters are outside CMA-ES: Optuna samples them at random; pruned trials
     # count with their last reported value, or a pruned search would leave CMA-ES almost nothing
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False,
                                         consider_pruned_trials=True)
 
 
-def _qmc(seed: int, startup: int, space: SearchSpace, objectives: int) -> optuna.samplers.BaseSampler:
+def _qmc(seed: int, startup: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_asynchronous_seeding=False)
 
 
-def _nsga2(seed: int, startup: int, space: SearchSpace, objectives: int) -> optuna.samplers.BaseSampler:
+def _nsga2(seed: int, startup: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     return optuna.samplers.NSGAIISampler(seed=seed)
 
 
-def _random(seed: int, startup: int, space: SearchSpace, objectives: int) -> optuna.samplers.BaseSampler:
+def _random(seed: int, startup: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -68,7 +68,7 @@ class _GridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def _grid(seed: int, startup: int, space: SearchSpace, objectives: int) -> optuna.samplers.BaseSampler:
+def _grid(seed: int, startup: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     return _GridSampler(grid_values(space), seed=seed)
 
 
@@ -84,29 +84,32 @@ SAMPLER_KINDS: dict[str, SamplerKind] = {
     "nsga2": SamplerKind("NSGA-II genetic algorithm (made for several objectives)", _nsga2),
 }
 SAMPLERS = tuple(SAMPLER_KINDS)
+MAX_GRID_POINTS = 10_000  # every worker enumerates the whole grid for every trial it asks for
 
 
-def build_sampler(name: str, seed: int, startup_trials: int, space: SearchSpace, objectives: int,
+def build_sampler(name: str, seed: int, startup_trials: int, space: SearchSpace,
                   trials_so_far: int) -> optuna.samplers.BaseSampler:
     kind = SAMPLER_KINDS[name]
-    trial_seed = seed * 1_000_003 + trials_so_far if kind.moving_seed else seed
+    trial_seed = (seed * 1_000_003 + trials_so_far if kind.moving_seed else seed) % 2**32  # numpy's seed range
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return kind.build(trial_seed, startup_trials, space, objectives)
+        return kind.build(trial_seed, startup_trials, space)
 
 
 def check_sampler(name: str, space: SearchSpace, objectives: int) -> None:
     """One line when the sampler cannot search this space or this many objectives."""
     if objectives > 1 and not SAMPLER_KINDS[name].multi_objective:
-        raise UserError(f"--sampler {name} optimises one objective; for several use tpe, nsga2, gp, random, qmc or grid")
-    if name == "grid":
-        grid_values(space)
+        able = [other for other, kind in SAMPLER_KINDS.items() if kind.multi_objective]
+        raise UserError(f"--sampler {name} optimises one objective; for several use {', '.join(able)}")
+    if name == "grid" and grid_size(space) > MAX_GRID_POINTS:
+        raise UserError(f"--sampler grid: the space's grid has {grid_size(space):,} points (at most "
+                        f"{MAX_GRID_POINTS:,}); coarsen the steps or use another sampler")
 
 
 def _param_grid(param: Param) -> list[Any]:
     if param.type == "categorical":
         return list(param.choices)
-    if param.type == "int":
+    if param.type == "int":  # every integer (or every step) from low to high, on a log scale too
         return list(range(param.low, param.high + 1, param.step or 1))
     if param.step is None:
         raise UserError(f"--sampler grid: '{param.key}' is a continuous float; give it a step in the space "

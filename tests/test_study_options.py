@@ -81,7 +81,7 @@ def test_a_retry_keeps_the_grid_point_of_the_lost_trial():
     grid = {"x": [0, 1, 2, 3]}
     space = SearchSpace(name="g", path=Path("g.yaml"), description="", params={"x": Param("x", "categorical",
                                                                                           choices=(0, 1, 2, 3))})
-    study = optuna.create_study(sampler=build_sampler("grid", 0, 0, space, 1, 0))
+    study = optuna.create_study(sampler=build_sampler("grid", 0, 0, space, 0))
     lost = study.ask()
     lost.suggest_categorical("x", grid["x"])
     assert retry_lost_trial(study, study.get_trials()[0], "its worker died", max_retries=1)
@@ -140,6 +140,12 @@ def test_enqueued_points_come_first_and_are_not_repeated(tmp_path, stepped_space
     assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
     assert sum(t.params == first.params for t in trials) == 1
 
+    more = tmp_path / "more.yaml"  # more points than the total leaves room for
+    more.write_text(yaml.safe_dump([{"lr": 0.002, "alpha": 0.1, "topical_batching": False}, {"lr": 0.003, "alpha": 0.1},
+                                    {"lr": 0.001, "alpha": 0.1}]))
+    run_search(options(tmp_path, stepped_space, 2, enqueue=str(more), study="small-room"))
+    assert [t.params["lr"] for t in load_study(tmp_path, "small-room").get_trials()] == [0.002, 0.003]
+
 
 @pytest.mark.slow
 def test_enqueue_defaults_starts_from_the_documented_settings(tmp_path):
@@ -162,7 +168,33 @@ def test_bad_enqueue_files_are_one_line(tmp_path, stepped_space, capsys, content
     code = search_main(["--space", str(stepped_space), "--trials", "2", "--studies-dir", str(tmp_path / "studies"),
                         "--enqueue", str(starts)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and message in err[-1], err
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert study_names(open_storage(str(tmp_path / "studies" / "stepped" / "journal.log"))) == []  # nothing created
+
+
+def test_enqueue_is_refused_for_a_grid_search(tmp_path, stepped_space):
+    with pytest.raises(UserError, match="--enqueue: the grid sampler tries every point of the grid already"):
+        run_search(options(tmp_path, stepped_space, 2, sampler="grid", enqueue="defaults"))
+
+
+def test_fresh_samplers_continue_one_qmc_sequence_and_one_grid_order(stepped_space):
+    """Workers build a sampler per trial: QMC and grid must keep the study's seed, or each trial
+    would start another sequence (another grid order) and points would repeat."""
+    space = load_space(str(stepped_space))
+
+    def points(make_sampler):
+        study = optuna.create_study()
+        for number in range(6):
+            study.sampler = make_sampler(number)
+            trial = study.ask()
+            point = space.suggest(trial)
+            study.tell(trial, 0.0)
+            yield tuple(point[key] for key in space.params)
+
+    for name in ("qmc", "grid"):
+        one_sampler = build_sampler(name, 7, 0, space, 0)
+        assert list(points(lambda n: build_sampler(name, 7, 0, space, n))) == list(points(lambda n: one_sampler))
+    assert len(set(points(lambda n: build_sampler("grid", 7, 0, space, n)))) == 6
 
 
 @pytest.mark.slow
@@ -195,3 +227,46 @@ def test_multi_objective_study_and_its_report(tmp_path, capsys):
     assert {"search_history", "param_importances", "timeline", "sanw_slice"} <= set(result.files)
     assert "intermediate_values" not in result.files  # nothing is reported per epoch without pruning
     assert all(path.stat().st_size > 0 for path in result.files.values())
+
+
+def study_with_trials(metrics: list[str], completed: int) -> optuna.Study:
+    """An in-memory debias study as clipse makes them, with random trials reporting two epochs."""
+    from dataclasses import asdict
+
+    from clipse.study import SETTINGS_ATTR, StudySettings
+
+    space = load_space("debias")
+    settings = StudySettings(space="debias", space_digest=space.digest, space_definition=space.to_dict(),
+                             metric=",".join(metrics))
+    study = optuna.create_study(directions=["maximize"] * len(metrics), sampler=optuna.samplers.RandomSampler(0))
+    study.set_user_attr(SETTINGS_ATTR, asdict(settings))
+    for number in range(completed):
+        trial = study.ask()
+        params = space.suggest(trial)
+        values = [params["lr"] * 100 + i * params["alpha"] for i in range(len(metrics))]
+        if len(metrics) == 1:
+            trial.report(values[0] / 2, 1)
+            trial.report(values[0], 2)
+        study.tell(trial, values if len(metrics) > 1 else values[0])
+    return study
+
+
+@pytest.mark.parametrize("metrics", [["val_r1_mean"], ["val_i2t_r1", "val_t2i_r1"]])
+def test_every_search_figure_is_drawn(tmp_path, caplog, metrics):
+    from clipse.report.search_plots import plot_search
+
+    files = plot_search(study_with_trials(metrics, 8), tmp_path)
+    expected = {"search_history", "param_importances", "timeline", "sanw_slice"} | (
+        {"intermediate_values"} if len(metrics) == 1 else set())
+    assert set(files) == expected and all(path.stat().st_size > 10_000 for path in files.values())
+    assert not [r for r in caplog.records if "not drawn" in r.getMessage()]
+
+
+def test_figures_of_a_study_without_completed_trials_say_why(tmp_path, caplog):
+    from clipse.report.search_plots import plot_search
+
+    files = plot_search(study_with_trials(["val_r1_mean"], 0), tmp_path)
+    assert all(path.exists() for path in files.values())
+    said = {r.getMessage() for r in caplog.records if "not drawn" in r.getMessage()}
+    assert said == {f"{name}.png not drawn: the study has no completed trial yet"
+                    for name in ("search_history", "param_importances", "sanw_slice")}

@@ -229,6 +229,20 @@ def test_a_resumed_run_continues_its_mlflow_run(tiny, mlflow_server):
 
 
 @pytest.mark.slow
+def test_a_new_run_in_a_used_folder_gets_its_own_mlflow_run(tiny, mlflow_server):
+    """A run folder deleted and trained again (not resumed) must not add to the old record."""
+    import shutil
+
+    config = tiny(report_to="mlflow", mlflow_uri=mlflow_server, epochs=1, lr=0.001)
+    train(config)
+    shutil.rmtree(config.run_dir)
+    train(config.replace(lr=0.004, resume=True))  # final runs always pass resume; nothing is there to resume
+    _, runs = mlflow_runs_of(mlflow_server, config.run_dir)
+    assert sorted(run.data.params["lr"] for run in runs) == ["0.001", "0.004"]
+    assert all(len(run.data.metrics) > 0 and run.info.status == "FINISHED" for run in runs)
+
+
+@pytest.mark.slow
 def test_log_files_uploads_files_and_folders(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
 
@@ -336,3 +350,22 @@ def test_a_study_and_its_final_report_nest_under_one_mlflow_run(tmp_path, mlflow
         a.path for a in client.list_artifacts(parent.info.run_id, "final")}
     for n in (0, 1):
         assert list((tmp_path / "studies" / "debias" / "runs" / f"trial-{n:05d}" / "tensorboard").glob("events.*"))
+
+
+@pytest.mark.slow
+def test_an_unreachable_mlflow_costs_a_search_one_warning_line(tmp_path, monkeypatch, caplog):
+    """The study's run cannot be opened: the search warns once, its trials train without MLflow
+    (no warning each) and keep their other tracker."""
+    from clipse.search import SearchOptions, run_search
+
+    monkeypatch.chdir(tmp_path)
+    training = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+                "epochs": 1, "data_root": str(tmp_path / "shapes")}
+    result = run_search(SearchOptions(space="baseline", trials=2, studies_dir=tmp_path / "studies", training=training,
+                                      tracking={"report_to": "mlflow,tensorboard", "mlflow_uri": "http://127.0.0.1:9"}))
+    assert result.counts.complete == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "mlflow" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot be reached" in warnings[0], warnings
+    for n in (0, 1):
+        run = tmp_path / "studies" / "baseline" / "runs" / f"trial-{n:05d}"
+        assert list((run / "tensorboard").glob("events.*")) and (run / "epochs.csv").exists()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -31,20 +32,30 @@ from clipse.config import name_is_loss_key  # noqa: E402
 from clipse.errors import cli_main  # noqa: E402
 from clipse.study import load_study, secure_storage, stored_settings  # noqa: E402
 
+log = logging.getLogger(__name__)
 
-def _save(draw: Callable[[], object], out: Path, title: str) -> Path:
-    """Draw with Optuna into a new figure and save it; a study too small for the figure (no
-    completed trial, a single parameter value, ...) gets a figure that says so."""
+
+def _save(draw: Callable[[], object], out: Path, title: str, missing: str | None = None) -> Path:
+    """Draw with Optuna into a new figure and save it. A study too small for the figure (no
+    completed trial: ``missing`` says so; a parameter that never varied, ...) gets a figure
+    that says why, and a warning line."""
     plt.close("all")
+    verbosity = optuna.logging.get_verbosity()
     try:
+        if missing:
+            raise ValueError(missing)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # Optuna's own notes on small studies
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ExperimentalWarning, and Optuna's own notes on small studies
+            warnings.simplefilter("ignore")  # ExperimentalWarning
             axes = draw()
         figure = np.atleast_1d(axes).flat[0].figure
     except (ValueError, RuntimeError) as exc:
+        log.warning("%s not drawn: %s", out.name, exc)
         figure, ax = plt.subplots(figsize=(7.5, 4))
         ax.text(0.5, 0.5, f"not drawn: {exc}", ha="center", va="center", wrap=True, transform=ax.transAxes)
         ax.set_axis_off()
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     figure.suptitle(title, fontsize=10)
     figure.set_size_inches(max(figure.get_size_inches()[0], 7.5), max(figure.get_size_inches()[1], 4))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +74,7 @@ def plot_search(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     name, metrics = study.study_name, settings.metrics
     several = len(metrics) > 1
     completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    missing = None if completed else "the study has no completed trial yet"
     # a slice needs one target; with several objectives it shows their mean
     target = {"target": _mean_of_values, "target_name": "mean of " + ", ".join(metrics)} if several else {
         "target_name": metrics[0]}
@@ -71,10 +83,10 @@ def plot_search(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     files = {}
     if several:
         files["search_history"] = _save(lambda: optuna_plots.plot_pareto_front(study, target_names=metrics),
-                                        out_dir / "search_history.png", f"Pareto front of '{name}'")
+                                        out_dir / "search_history.png", f"Pareto front of '{name}'", missing)
     else:
         files["search_history"] = _save(lambda: optuna_plots.plot_optimization_history(study, target_name=metrics[0]),
-                                        out_dir / "search_history.png", f"search history of '{name}'")
+                                        out_dir / "search_history.png", f"search history of '{name}'", missing)
         files["intermediate_values"] = _save(lambda: optuna_plots.plot_intermediate_values(study),
                                              out_dir / "intermediate_values.png",
                                              f"per-epoch {metrics[0]} of each trial of '{name}' (pruning)")
@@ -82,11 +94,12 @@ def plot_search(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     files["param_importances"] = _save(
         lambda: optuna_plots.plot_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), **naming),
-        out_dir / "param_importances.png", f"parameter importances of '{name}' ({completed} completed trials)")
+        out_dir / "param_importances.png", f"parameter importances of '{name}' ({completed} completed trials)",
+        missing)
     files["timeline"] = _save(lambda: optuna_plots.plot_timeline(study), out_dir / "timeline.png",
                               f"timeline of '{name}'")
     files["sanw_slice"] = _save(lambda: optuna_plots.plot_slice(study, params=sanw, **target),
-                                out_dir / "sanw_slice.png", f"objective against {', '.join(sanw)} in '{name}'")
+                                out_dir / "sanw_slice.png", f"objective against {', '.join(sanw)} in '{name}'", missing)
     return files
 
 

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 DEFAULT_STORE = "mlflow.db"
 LOCAL_ARTIFACTS = "mlartifacts"
-RUN_DIR_TAG, STUDY_TAG, TRIAL_TAG, ROLE_TAG, STATUS_TAG = (
-    "clipse.run_dir", "clipse.study", "clipse.trial", "clipse.role", "clipse.status")
+RUN_DIR_TAG, STUDY_TAG, STUDY_DIR_TAG, TRIAL_TAG, ROLE_TAG, STATUS_TAG = (
+    "clipse.run_dir", "clipse.study", "clipse.study_dir", "clipse.trial", "clipse.role", "clipse.status")
 PARENT_TAG = "mlflow.parentRunId"   # MLflow shows a run with this tag nested under that run
 END_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "diverged": "FAILED"}
 SQLITE = "sqlite:///"
@@ -123,20 +123,23 @@ def _quoted(value: str) -> str:
 
 
 def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> Run | None:
-    """The oldest live run of the experiment with all these tags."""
+    """The newest live run of the experiment with all these tags."""
     condition = " and ".join(f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items())
     runs = client.search_runs([experiment], filter_string=condition, max_results=1,
-                              order_by=["attributes.start_time ASC"])
+                              order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
 
 @retries_unlogged
-def study_run(uri: str, experiment: str, study_name: str) -> str:
+def study_run(uri: str, experiment: str, study_name: str, study_dir: str | Path | None = None) -> str:
     """The id of the study's own run (found by its tags, else created, named after the study),
-    the parent of its trials and final runs. Raises what MLflow raises when it fails."""
+    the parent of its trials and final runs. ``study_dir`` (the study's folder) tells apart
+    studies of the same name in other folders. Raises what MLflow raises when it fails."""
     client = mlflow_client(uri)
     experiment_id = experiment_for(client, experiment, uri)
     tags = {STUDY_TAG: study_name, ROLE_TAG: "study"}
+    if study_dir is not None:
+        tags[STUDY_DIR_TAG] = str(Path(study_dir).absolute())
     run = find_run(client, experiment_id, tags) or client.create_run(experiment_id, run_name=study_name, tags=tags)
     return run.info.run_id
 
@@ -187,7 +190,10 @@ class MlflowTracker(Tracker):
         self.select_metric = config.select_metric
         experiment = experiment_for(self.client, config.mlflow_experiment, uri)
         run_dir = str(folder.path.absolute())
-        run = find_run(self.client, experiment, {RUN_DIR_TAG: run_dir})
+        # only a run resumed from a checkpoint continues its MLflow run: a new run in a folder
+        # used before (deleted, or a re-created study) must not add to the old one's record
+        resuming = config.resume and folder.last_checkpoint.exists()
+        run = find_run(self.client, experiment, {RUN_DIR_TAG: run_dir}) if resuming else None
         if run is None:
             tags = {RUN_DIR_TAG: run_dir, ROLE_TAG: "run"}
             if config.study:

@@ -25,13 +25,12 @@ log = logging.getLogger(__name__)
 class StudyRecord:
     run_settings: dict[str, Any]                # tracking settings every run of the study trains with
     mlflow_uri: str | None = None
-    mlflow_run: str | None = None               # the study's MLflow run (None: no MLflow, or it failed)
+    mlflow_run: str | None = None               # the study's MLflow run (None: no MLflow, or it failed to open)
 
-    def _failed(self, stage: str, error: Exception) -> None:
+    def _warn(self, stage: str, error: Exception) -> None:
         from clipse.trackers import failure_message
 
         log.warning(failure_message("mlflow", self.mlflow_uri, stage, error))
-        self.mlflow_run = None
 
     def log_files(self, paths: Iterable[Path], artifact_path: str) -> None:
         if self.mlflow_run is None:
@@ -41,11 +40,11 @@ class StudyRecord:
         try:
             log_files(self.mlflow_uri, self.mlflow_run, [p for p in paths if Path(p).exists()], artifact_path)
         except Exception as error:  # noqa: BLE001 - the report's files are written; only their copy failed
-            self._failed("uploading the report", error)
+            self._warn("uploading the report", error)
 
-    def close(self, finished: bool, metrics: Mapping[str, float] | None = None) -> None:
-        """End the study's run: FINISHED when the work reached its end, else KILLED (a later
-        search or report reopens it)."""
+    def close(self, status: str, metrics: Mapping[str, float] | None = None) -> None:
+        """End the study's run with ``status`` (FINISHED once the study reached its total, KILLED
+        after Ctrl-C, FAILED after an error; a later search reopens it), logging ``metrics``."""
         if self.mlflow_run is None:
             return
         from clipse.trackers.mlflow import mlflow_client
@@ -54,16 +53,17 @@ class StudyRecord:
             client = mlflow_client(self.mlflow_uri)
             for key, value in (metrics or {}).items():
                 client.log_metric(self.mlflow_run, key, value)
-            client.set_terminated(self.mlflow_run, "FINISHED" if finished else "KILLED")
+            client.set_terminated(self.mlflow_run, status)
         except Exception as error:  # noqa: BLE001
-            self._failed("closing the study's run", error)
+            self._warn("closing the study's run", error)
 
 
-def open_study_record(tracking: Mapping[str, Any], registry: Path, study: str,
+def open_study_record(tracking: Mapping[str, Any], registry: Path, study: str, study_dir: Path,
                       tags: Mapping[str, str] | None = None) -> StudyRecord:
     """The study's record, given the tracking settings of the command (``report_to``,
     ``mlflow_uri``, ``mlflow_experiment``) and the run registry the study's runs write to (the
-    default MLflow store lies beside it). ``tags`` describe the study on its MLflow run."""
+    default MLflow store lies beside it). With ``tags`` (the search: they describe the study)
+    the study's run is marked RUNNING; without (the final report) its status is left alone."""
     from clipse.config import TrainConfig
 
     config = TrainConfig.from_mapping(dict(tracking), "tracking settings").replace(registry=str(registry))
@@ -75,15 +75,17 @@ def open_study_record(tracking: Mapping[str, Any], registry: Path, study: str,
     uri = resolve_mlflow_uri(config)
     record = StudyRecord({**tracking, "mlflow_uri": uri}, mlflow_uri=uri)
     try:
-        record.mlflow_run = study_run(uri, config.mlflow_experiment, study)
-        client = mlflow_client(uri)
-        client.update_run(record.mlflow_run, status="RUNNING")
-        for key, value in (tags or {}).items():
-            client.set_tag(record.mlflow_run, key, value)
+        run = study_run(uri, config.mlflow_experiment, study, study_dir)
+        if tags is not None:
+            client = mlflow_client(uri)
+            client.update_run(run, status="RUNNING")
+            for key, value in tags.items():
+                client.set_tag(run, key, value)
     except Exception as error:  # noqa: BLE001 - whatever MLflow raises, the study goes on
-        record._failed("starting the study's run", error)
+        record._warn("starting the study's run", error)
         others = [name for name in names if name != "mlflow"]
         record.run_settings["report_to"] = ",".join(others) or "none"  # one warning, not one per run
         return record
-    record.run_settings["mlflow_parent_run"] = record.mlflow_run
+    record.mlflow_run = run
+    record.run_settings["mlflow_parent_run"] = run
     return record
