@@ -180,6 +180,34 @@ def test_image_cache_decodes_once_and_notices_changes(tmp_path, fresh_cache):
     assert len(list((fresh_cache / "tensors").glob("images-*.npy"))) == 3
 
 
+def test_parallel_decoding_gives_the_sequential_array_and_names_a_bad_file(tmp_path):
+    from clipse.image_decode import BLOCK, decode_images
+
+    paths = []
+    for i in range(BLOCK + 5):  # two blocks, the second one short
+        paths.append(tmp_path / f"{i}.jpg")
+        write_jpeg(paths[-1], colour=(i * 3 % 256, 100, 255 - i), size=(40 + i % 7, 30))
+    seen = []
+    parallel = decode_images(paths, 16, workers=2, advance=seen.append)
+    assert np.array_equal(parallel, decode_images(paths, 16, workers=1)) and sum(seen) == len(paths)
+    (tmp_path / "3.jpg").write_bytes(b"broken")
+    with pytest.raises(UserError, match=r"3.jpg: cannot decode image"):
+        decode_images(paths, 16, workers=2)
+
+
+def test_a_cached_split_is_a_read_only_memory_map_shared_through_the_page_cache(tmp_path, fresh_cache):
+    path = tmp_path / "a.jpg"
+    write_jpeg(path, colour=(10, 200, 10), size=(50, 20))
+    for _ in range(2):  # as built, then as loaded: the tensor's data is the mapped file
+        images = cached_images([path], 16, "train")
+        entry = next((fresh_cache / "tensors").glob("images-*.npy"))
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        mapped = [line for line in maps if line.endswith(str(entry))]
+        assert mapped and all(line.split()[1].startswith("r") and "w" not in line.split()[1] for line in mapped)
+        assert any(int(m.split()[0].split("-")[0], 16) <= images.data_ptr() < int(m.split()[0].split("-")[1], 16)
+                   for m in mapped), (hex(images.data_ptr()), mapped)
+
+
 def test_token_cache(fresh_cache):
     calls = []
 

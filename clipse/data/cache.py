@@ -1,4 +1,6 @@
 """Decode-once caches: images as resized uint8 tensors, captions as token tensors (docs/data.md).
+The first decode of a split uses every CPU the process may use (``clipse.image_decode``); every
+later load memory-maps the entry read-only, so the processes of a node share one copy.
 
 Cache files live under ``$CLIPSE_CACHE/tensors``, named by a hash of what they were made from
 (image paths with size and modification time, the split and the resolution; or the captions
@@ -14,15 +16,16 @@ import hashlib
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from clipse.errors import UserError
+from clipse.image_decode import decode_images
 from clipse.paths import cache_dir
 
 CACHE_FORMAT = 1
@@ -42,9 +45,11 @@ def _cache_file(kind: str, key: str) -> Path:
 
 
 def _load_or_build(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """The cache entry, memory-mapped read-only: every process on a machine that reads it shares
+    one copy through the page cache. Built (and written) when missing or damaged."""
     if path.is_file():
         try:
-            return np.load(path)
+            return np.load(path, mmap_mode="r")
         except (OSError, ValueError):
             pass  # a damaged entry is rebuilt below
     array = build()
@@ -59,20 +64,15 @@ def _load_or_build(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         log.warning("cannot write the cache entry %s (%s); going on without it", path, exc.strerror or exc)
-    return array
+        return array
+    return np.load(path, mmap_mode="r")  # the built copy is freed: this process shares the page cache too
 
 
-def decode_image(path: Path, resolution: int) -> np.ndarray:
-    """RGB, shorter side resized to ``resolution`` (bicubic), centre-cropped square: (3, R, R)."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (resolution * 2, resolution * 2))  # JPEG: decode at reduced scale
-            square = ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
-    except FileNotFoundError:
-        raise UserError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise UserError(f"{path}: cannot decode image ({exc})") from None
-    return np.asarray(square, dtype=np.uint8).transpose(2, 0, 1)
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only memory map (nothing in clipse writes into its data)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def cached_images(paths: Sequence[Path], resolution: int, split: str) -> torch.Tensor:
@@ -86,13 +86,11 @@ def cached_images(paths: Sequence[Path], resolution: int, split: str) -> torch.T
         parts.append(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}")
 
     def build() -> np.ndarray:
-        out = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
-        for row, path in enumerate(tqdm(paths, desc=f"decoding {split} images", unit="img",
-                                        disable=None if len(paths) > 2000 else True, leave=False)):
-            out[row] = decode_image(path, resolution)
-        return out
+        with tqdm(total=len(paths), desc=f"decoding {split} images", unit="img",
+                  disable=None if len(paths) > 2000 else True, leave=False) as bar:
+            return decode_images(paths, resolution, advance=bar.update)
 
-    return torch.from_numpy(_load_or_build(_cache_file("images", _digest(parts)), build))
+    return _read_only_tensor(_load_or_build(_cache_file("images", _digest(parts)), build))
 
 
 def cached_tokens(captions: Sequence[str], tokenize: Callable[[list[str]], torch.Tensor],
@@ -103,4 +101,4 @@ def cached_tokens(captions: Sequence[str], tokenize: Callable[[list[str]], torch
     def build() -> np.ndarray:
         return tokenize(list(captions)).numpy().astype(np.int32)
 
-    return torch.from_numpy(_load_or_build(_cache_file("tokens", key), build)).long()
+    return _read_only_tensor(_load_or_build(_cache_file("tokens", key), build)).long()

@@ -1,0 +1,63 @@
+"""Decoding image files to square uint8 arrays, on one core or on every core the process may use.
+
+Kept free of torch (it imports only PIL and numpy), so that the decoding processes start fast.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipse.errors import UserError
+
+BLOCK = 64            # images per task of a decoding process
+PARALLEL_FROM = 512   # fewer images decode faster than processes start
+
+
+def decode_image(path: Path, resolution: int) -> np.ndarray:
+    """RGB, shorter side resized to ``resolution`` (bicubic), centre-cropped square: (3, R, R)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (resolution * 2, resolution * 2))  # JPEG: decode at reduced scale
+            square = ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise UserError(f"{path}: cannot decode image ({exc})") from None
+    return np.asarray(square, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _decode_block(paths: Sequence[Path], resolution: int) -> np.ndarray:
+    return np.stack([decode_image(path, resolution) for path in paths])
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: what SLURM or taskset granted)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decode_images(paths: Sequence[Path], resolution: int, workers: int | None = None,
+                  advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    """Every image as one (N, 3, R, R) uint8 array, decoded by ``workers`` processes (default:
+    every usable CPU; one for a few hundred images). ``advance(n)`` is told of each n decoded."""
+    out = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
+    workers = workers or (usable_cpus() if len(paths) >= PARALLEL_FROM else 1)
+    if workers <= 1:
+        for row, path in enumerate(paths):
+            out[row] = decode_image(path, resolution)
+            advance(1)
+        return out
+    starts = range(0, len(paths), BLOCK)
+    # spawn: the caller may hold threads (heartbeats, progress) that a forked child would inherit stopped
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        blocks = pool.map(_decode_block, [paths[s:s + BLOCK] for s in starts], [resolution] * len(starts))
+        for start, block in zip(starts, blocks):
+            out[start:start + len(block)] = block
+            advance(len(block))
+    return out
