@@ -1,7 +1,8 @@
 """clipse's trainer against a bare training loop over the same model, batches and decoded data.
 
 The bare loop is what any trainer must do and no more: gather the batch's uint8 images and
-tokens, normalise, forward both towers, plain InfoNCE, backward, a fused AdamW step. clipse's
+tokens, normalise, forward both towers (under the same autocast), plain InfoNCE, backward, a
+fused AdamW step. clipse's
 trainer adds the learning-rate schedule, gradient clipping, the logit-scale clamp, the SANW
 statistics, the rows of training.csv and the progress bar. Both run the same number of epochs
 in this process, alternating for ``--rounds`` rounds; throughput is the last epoch's training
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from clipse.assembly import dataset_for, model_for, resolve_device, split_tensors  # noqa: E402
+from clipse.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
 from clipse.evaluation import ImageNormalizer  # noqa: E402
 from clipse.losses import weighted_infonce  # noqa: E402
@@ -38,6 +39,7 @@ def bare_loop(config: TrainConfig) -> float:
     """Samples/s of the last epoch of a bare loop over ``config``'s model, data and batches."""
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    autocast = autocast_for(device, config.precision)
     loaded = model_for(config)
     model = loaded.model.to(device).train()
     data = split_tensors(dataset_for(config), "train", loaded)
@@ -51,8 +53,9 @@ def bare_loop(config: TrainConfig) -> float:
             pairs = torch.from_numpy(batch)
             images = normalize(data.images[data.caption_image[pairs]])
             tokens = data.tokens[pairs].to(device, non_blocking=True)
-            loss = weighted_infonce(model.encode_image(images, normalize=True),
-                                    model.encode_text(tokens, normalize=True), model.logit_scale.exp())
+            with autocast():
+                loss = weighted_infonce(model.encode_image(images, normalize=True).float(),
+                                        model.encode_text(tokens, normalize=True).float(), model.logit_scale.exp())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -50,7 +50,8 @@ def run_clipse(workdir: Path, name: str, args) -> list[float]:
     run_dir = workdir / name
     command = [sys.executable, "-m", "clipse.train", "--model", args.model, "--shapes-train-images",
                str(args.train_images), "--epochs", "1", "--batch-size", str(args.batch_size), "--lr", "2e-3",
-               "--log-every", "1", "--no-progress", "--run-dir", str(run_dir),
+               "--log-every", "1", "--no-progress", "--run-dir", str(run_dir), "--precision", args.precision,
+               "--device", args.device,
                "--registry", str(workdir / "registry.csv")]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     return pd.read_csv(run_dir / "training.csv")["samples_per_s"].tolist()
@@ -60,7 +61,7 @@ def run_openclip(workdir: Path, name: str, csv_path: Path, args) -> list[float]:
     command = [sys.executable, "-c", OPENCLIP_LAUNCHER, "--train-data", str(csv_path), "--dataset-type", "csv",
                "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key", "title",
                "--model", args.model, "--batch-size", str(args.batch_size), "--epochs", "1", "--lr", "2e-3",
-               "--wd", "0.1", "--warmup", "10", "--grad-clip-norm", "1.0", "--precision", "fp32",
+               "--wd", "0.1", "--warmup", "10", "--grad-clip-norm", "1.0", "--precision", args.precision,
                "--workers", str(args.workers), "--log-every-n-steps", "1", "--save-frequency", "0",
                "--logs", str(workdir), "--name", name, "--seed", "0"]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=workdir)
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="OpenCLIP DataLoader workers")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "amp_bf16"), help="both trainers' precision")
+    parser.add_argument("--device", default="auto", help="clipse's --device (OpenCLIP uses CUDA when it has it)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="clipse-bench-") as tmp:
         workdir = Path(tmp)
@@ -92,7 +95,7 @@ def main() -> None:
                       flush=True)
     clipse_rate = statistics.median(r[2] for r in rows if r[0] == "clipse")
     openclip_rate = statistics.median(r[2] for r in rows if r[0] == "openclip")
-    print(f"\nmodel {args.model}, {args.train_images * 5} pairs, batch {args.batch_size}, fp32, CPU threads "
+    print(f"\nmodel {args.model}, {args.train_images * 5} pairs, batch {args.batch_size}, {args.precision}, CPU threads "
           f"{os.cpu_count()}, OpenCLIP workers {args.workers}")
     print(f"clipse   {clipse_rate:8.1f} samples/s")
     print(f"OpenCLIP {openclip_rate:8.1f} samples/s")

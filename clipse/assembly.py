@@ -22,12 +22,37 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """AMP on CUDA (bf16 where supported, else fp16); nothing on the CPU."""
-    if device.type != "cuda":
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``--precision`` on ``device`` (None: fp32); one line where it cannot work."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "amp_fp16" and device.type != "cuda":
+        raise UserError("--precision amp_fp16 needs CUDA (float16 training needs loss scaling, which clipse does "
+                        "on CUDA); on the CPU use amp_bf16 or fp32")
+    if precision == "amp_bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision amp_bf16: this GPU does not support bfloat16; use amp_fp16")
+    return torch.bfloat16 if precision == "amp_bf16" else torch.float16
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> Callable[[], contextlib.AbstractContextManager]:
+    """A context-manager factory for the forward passes at ``--precision``."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return functools.partial(torch.autocast, device_type="cuda", dtype=dtype)
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def prepare_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """``--grad-checkpointing`` and ``--compile`` applied to a model already on its device. Compiling
+    replaces the two encoders with compiled versions; the module and its state dict stay as they are."""
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if config.compile:
+        model.encode_image = torch.compile(model.encode_image)
+        model.encode_text = torch.compile(model.encode_text)
+    return model
 
 
 def dataset_for(config: TrainConfig) -> CaptionDataset:

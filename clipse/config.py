@@ -25,6 +25,8 @@ from clipse.paths import ADHOC_RUNS_DIR, DEFAULT_STUDIES_DIR, registry_file
 from clipse.trackers import tracking_problems
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
+AUGMENTATIONS = ("none", "crop", "crop_flip")
 SELECT_METRICS = ("val_r1_mean", "val_i2t_r1", "val_t2i_r1", "val_rsum")
 
 
@@ -64,15 +66,24 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "gradient norm clip (0 = off)")
     init_temperature: float = setting(0.03, "initial temperature of a randomly initialised model "
                                             "(0.03 trains the tiny default faster than CLIP's 0.07)")
+    augment: str = setting("none", "training-time augmentation on the device: random resized crops (crop), and "
+                                   "horizontal flips (crop_flip: not for captions that say left or right)",
+                           choices=AUGMENTATIONS)
     topical_batching: bool = setting(False, "draw batches from k-means clusters of the captions")
     topical_clusters: int = setting(0, "clusters for topical batching (0 = adapt to the data size)")
     # run
     seed: int = setting(0, "seed of model init, batch order and everything random in training")
     device: str = setting("auto", "where to train", choices=DEVICES)
     threads: int = setting(0, "CPU threads for torch (0 = torch's default)")
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA where supported (else fp16 with loss scaling), "
+                                     "fp32 on the CPU; or fp32, amp_bf16, amp_fp16 (CUDA only)", choices=PRECISIONS)
+    compile: bool = setting(False, "torch.compile the image and text towers (the first steps compile)")
+    grad_checkpointing: bool = setting(False, "recompute the towers' activations in the backward pass (less memory, "
+                                              "more time)")
     select_metric: str = setting("val_r1_mean", "validation metric that picks the best checkpoint",
                                  choices=SELECT_METRICS)
-    log_every: int = setting(1, "steps between rows of training.csv")
+    log_every: int = setting(10, "steps between rows of training.csv (and the only steps that wait for the "
+                                 "device: statistics are summed there in between)")
     eval_test: bool = setting(False, "after training, evaluate the best checkpoint on the test split")
     run_dir: str | None = setting(None, "run folder", shown_default=f"{ADHOC_RUNS_DIR}/<run id>")
     registry: str = setting(str(registry_file(DEFAULT_STUDIES_DIR)), "CSV that gets one row per finished run")

@@ -118,7 +118,9 @@ class SearchSpace:
 
 
 def available_spaces(folder: Path = SPACES_DIR) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+    """Space names: files of the folder and of its subfolders (``finetune/debias``)."""
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml")
+                  if not p.stem.startswith("_"))
 
 
 def _number(value: Any, where: str, what: str, integer: bool) -> float | int:
@@ -218,4 +220,14 @@ def load_space(name_or_path: str, folder: Path = SPACES_DIR) -> SearchSpace:
         raise UserError(f"{path}: '{sorted(both)[0]}' is both fixed and a searched parameter")
     if not params:
         raise UserError(f"{path}: no params to search")
-    return SearchSpace(name=path.stem, path=path, description=description, fixed=fixed, params=params)
+    return SearchSpace(name=space_name(path, folder), path=path, description=description, fixed=fixed, params=params)
+
+
+def space_name(path: Path, folder: Path) -> str:
+    """A space's name, which is also its study's default name: the file's stem, prefixed with its
+    subfolder of the spaces folder (``finetune/debias`` is ``finetune-debias``, not ``debias``)."""
+    try:
+        relative = path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return path.stem
+    return "-".join(relative.with_suffix("").parts)

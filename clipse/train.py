@@ -24,7 +24,9 @@ import torch
 from tqdm import tqdm
 
 from clipse import registry
-from clipse.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors
+from clipse.assembly import (autocast_dtype, autocast_for, dataset_for, model_for, prepare_model, resolve_device,
+                             split_tensors)
+from clipse.batches import TrainingBatches
 from clipse.config import TrainConfig, add_config_arguments, config_overrides, load_config_file
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.evaluation import ImageNormalizer, evaluate_split
@@ -92,6 +94,7 @@ def warmup_fraction(config: TrainConfig, epoch_progress: float) -> float:
 def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResult:
     """Train one run as configured; see the module docstring for outputs and resuming."""
     config.validate()
+    autocast_dtype(resolve_device(config.device), config.precision)  # one line before anything is written
     started = time.perf_counter()
     folder = RunFolder(config.run_dir or default_run_dir())
     finished = folder.start(config)
@@ -114,14 +117,15 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, config.precision)
     torch.manual_seed(config.seed)
     loaded = model_for(config)
     dataset = dataset_for(config)
-    model = loaded.model.to(device)
+    model = prepare_model(loaded.model.to(device), config)
     train_data = split_tensors(dataset, "train", loaded)
     val_data = split_tensors(dataset, "val", loaded)
     normalize = ImageNormalizer(loaded.mean, loaded.std, device)
+    training_batches = TrainingBatches(train_data, normalize, config.augment, config.seed)
     n_pairs = len(train_data.tokens)
     if n_pairs < 2:
         raise UserError(f"{dataset.name}: the training split has {n_pairs} pair(s); contrastive training needs 2")
@@ -136,7 +140,7 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, config, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, config.precision) == torch.float16)
     loss_function = config.loss_function()
     select_key = config.select_metric
 
@@ -162,7 +166,11 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.perf_counter()
         batches = batches_for(epoch)
-        step_rows, loss_sum, stat_sums = [], 0.0, {}
+        # Summed on the device and read only at logged steps, so that a step never waits for it.
+        step_rows, loss_sum = [], torch.zeros((), dtype=torch.float64, device=device)
+        stat_sums: dict[str, torch.Tensor] = {}
+        stat_steps: dict[str, int] = {}
+        first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # global step of the first, or 0
         window_start, window_samples = time.perf_counter(), 0
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                    disable=not config.progress, file=sys.stderr)
@@ -171,18 +179,16 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = loss_function.ramped(warmup_fraction(config, epoch + (index + 1) / len(batches)))
-            pairs = torch.from_numpy(batch)
-            images = normalize(train_data.images[train_data.caption_image[pairs]])
-            tokens = train_data.tokens[pairs].to(device, non_blocking=True)
+            logged = (global_step + 1) % config.log_every == 0 or index == len(batches) - 1
+            images, tokens = training_batches(batch, global_step)
             with autocast():
                 image_emb = model.encode_image(images, normalize=True)
                 text_emb = model.encode_text(tokens, normalize=True)
                 scale = model.logit_scale.exp()
-                loss, stats = step_loss(image_emb.float(), text_emb.float(), scale.float())
+                loss, stats = step_loss.compute(image_emb.float(), text_emb.float(), scale.float(), with_stats=logged)
             global_step += 1
-            if not torch.isfinite(loss):
-                status, diverged_step = "diverged", global_step
-                break
+            first_nonfinite = torch.where((first_nonfinite == 0) & ~torch.isfinite(loss.detach()), global_step,
+                                          first_nonfinite)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -191,17 +197,21 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
             scaler.update()
             with torch.no_grad():
                 model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
-
-            loss_value = loss.item()
-            loss_sum += loss_value
-            for key, value in stats.items():
-                stat_sums[key] = stat_sums.get(key, 0.0) + float(value)
+                loss_sum += loss.detach()
+                for key, value in stats.items():
+                    stat_sums[key] = stat_sums.get(key, 0.0) + value.detach()
+                    stat_steps[key] = stat_steps.get(key, 0) + 1
             window_samples += len(batch)
             bar.update(1)
-            if global_step % config.log_every == 0 or index == len(batches) - 1:
+            if logged:  # the step's one wait for the device
+                nonfinite_at = int(first_nonfinite)
+                if nonfinite_at:  # stop there; the steps since trained on nothing worth keeping
+                    status, diverged_step = "diverged", nonfinite_at
+                    break
                 now = time.perf_counter()
                 samples_per_s = window_samples / max(now - window_start, 1e-9)
                 window_start, window_samples = now, 0
+                loss_value = loss.item()
                 step_rows.append({
                     "epoch": epoch + 1, "step": global_step, "loss": loss_value,
                     "temperature": 1.0 / float(clamp_scale(scale.detach())), "lr": lr,
@@ -218,9 +228,9 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
 
         train_seconds = time.perf_counter() - epoch_started
         metrics, _ = evaluate_split(model, val_data, normalize, autocast)
-        weight_means = {key: total / len(batches) for key, total in stat_sums.items()}
+        weight_means = {key: float(total) / stat_steps[key] for key, total in stat_sums.items()}
         last_metrics = {f"val_{key}": value for key, value in metrics.items()}
-        epoch_metrics = {"train_loss": loss_sum / len(batches), **last_metrics,
+        epoch_metrics = {"train_loss": float(loss_sum) / len(batches), **last_metrics,
                          "samples_per_s": n_pairs / train_seconds, "seconds": time.perf_counter() - epoch_started,
                          **weight_means}
         epoch_row = {"epoch": epoch + 1, **epoch_metrics, "trained_by_pid": os.getpid()}

@@ -67,7 +67,7 @@ def test_a_shared_key_must_agree_with_the_losses_that_have_it():
 
 
 def test_the_new_loss_trains_with_its_warm_up(new_loss, tiny):
-    config = tiny(loss="hardest_negatives", boost=3.0, alpha_warmup_epochs=2.0)
+    config = tiny(loss="hardest_negatives", boost=3.0, alpha_warmup_epochs=2.0, log_every=1)
     result = train(config)
     assert result.status == "completed"
     steps = read_csv(Path(config.run_dir) / "training.csv")

@@ -21,10 +21,23 @@ def test_shipped_spaces():
 
 
 @pytest.mark.parametrize("space,ranges", DOCUMENTED.items())
-def test_spaces_cover_documented_ranges(space, ranges):
-    params = load_space(space).params
+@pytest.mark.parametrize("folder", ["", "finetune/"])
+def test_spaces_cover_documented_ranges(space, ranges, folder):
+    params = load_space(folder + space).params
     for key, (low, high) in ranges.items():
         assert params[key].covers(low, high), (space, key)
+
+
+def test_fine_tuning_spaces_suit_a_pretrained_model():
+    """Learning rates around 1e-5 with a warm-up; the checkpoint's temperature, not a searched one;
+    the same training settings for every loss; their studies named apart from the scratch ones."""
+    shared = load_space("finetune/baseline").params
+    assert shared["lr"].covers(1e-6, 5e-5) and shared["lr"].high <= 1e-4 and shared["lr"].log
+    assert shared["warmup_epochs"].covers(0.0, 1.0) and "init_temperature" not in shared
+    for loss, name in (("infonce", "baseline"), ("sanw_debias", "debias"), ("sanw_bandpass", "bandpass")):
+        space = load_space(f"finetune/{name}")
+        assert space.fixed["loss"] == loss and space.name == f"finetune-{name}"
+        assert {k: space.params[k] for k in shared} == shared
 
 
 def test_every_loss_gets_the_same_training_parameters():

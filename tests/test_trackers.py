@@ -143,7 +143,7 @@ def test_the_trainer_feeds_its_trackers_and_aborts_them_when_it_raises(tiny, tmp
 def test_a_diverged_run_reports_its_last_steps_then_finishes(tiny, monkeypatch, diverging_loss):
     monkeypatch.setitem(TRACKERS, "recording", Recording)
     monkeypatch.setattr(Recording, "made", [])
-    assert train(tiny(report_to="recording", loss="diverges", diverge_at=5)).status == "diverged"
+    assert train(tiny(report_to="recording", loss="diverges", diverge_at=5, log_every=1)).status == "diverged"
     assert Recording.made[0].calls == ["start", "log_steps", "finish"]
 
 

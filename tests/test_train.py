@@ -189,7 +189,7 @@ def test_resume_refuses_changed_settings_and_reuses_finished_run(tiny):
 
 
 def test_non_finite_loss_ends_as_diverged(tiny, diverging_loss):
-    config = tiny(loss="diverges", diverge_at=5)
+    config = tiny(loss="diverges", diverge_at=5, log_every=1)
     result = train(config)
     assert result.status == "diverged" and result.diverged_step == 5 and result.epochs_done == 0
     assert read_csv(config.registry)[0]["status"] == "diverged"
@@ -239,7 +239,7 @@ def test_the_trainer_trains_on_topical_batches(tiny, tmp_path, monkeypatch):
 
 
 def test_alpha_warmup_ramps_strength(tiny):
-    config = tiny(loss="sanw_debias", alpha=0.5, alpha_warmup_epochs=2.0, epochs=2)
+    config = tiny(loss="sanw_debias", alpha=0.5, alpha_warmup_epochs=2.0, epochs=2, log_every=1)
     train(config)
     alphas = [float(r["alpha"]) for r in read_csv(Path(config.run_dir) / "training.csv")]
     assert alphas[0] == pytest.approx(0.5 / 30) and alphas[-1] == pytest.approx(0.5)
@@ -320,3 +320,49 @@ def test_invalid_configuration_is_a_user_error(tiny):
 def test_cuda_amp_training(tiny):
     result = train(tiny(device="cuda", loss="sanw_bandpass"))
     assert result.status == "completed" and math.isfinite(result.best_value)
+
+
+def host_reads_during(run) -> int:
+    """How often ``run()`` reads a tensor's value on the host (the reads that wait for a GPU)."""
+    counts = [0]
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "__float__", "__int__", "__bool__", "tolist")}
+
+    def counting(original):
+        def wrapper(self, *args, **kwargs):
+            counts[0] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(original))
+        run()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return counts[0]
+
+
+@pytest.mark.parametrize("loss", ["infonce", "sanw_debias"])
+def test_a_training_step_does_not_read_the_device(tiny, loss):
+    """Between rows of training.csv a step reads nothing back: twice the steps (half the batch),
+    the same reads."""
+    def reads(batch_size):
+        config = tiny(loss=loss, epochs=1, batch_size=batch_size, log_every=10_000, run_dir=None)
+        return host_reads_during(lambda: train(config.replace(run_dir=str(Path(config.registry).parent / f"b{batch_size}"))))
+
+    assert reads(16) == reads(8)
+
+
+def test_statistics_summed_on_the_device_give_the_epoch_means_of_every_step(tiny):
+    """SANW statistics and the loss are summed at every step whatever --log-every is."""
+    every = train(tiny(loss="sanw_debias", alpha=0.5, log_every=1, run_dir=str(Path(tiny().registry).parent / "a")))
+    sparse = train(tiny(loss="sanw_debias", alpha=0.5, log_every=7, run_dir=str(Path(tiny().registry).parent / "b")))
+    rows = [read_csv(Path(r.run_dir) / "epochs.csv") for r in (every, sparse)]
+    for a, b in zip(*rows):
+        for key in ("train_loss", "weight_std", "weight_mean", "share_suppressed"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6)
+    steps = read_csv(Path(every.run_dir) / "training.csv")
+    assert float(rows[0][0]["weight_std"]) == pytest.approx(
+        sum(float(r["weight_std"]) for r in steps if r["epoch"] == "1") / sum(r["epoch"] == "1" for r in steps), rel=1e-5)
+    assert [int(r["step"]) for r in read_csv(Path(sparse.run_dir) / "training.csv")] == [7, 14, 15, 21, 28, 30]

@@ -43,6 +43,12 @@ class ContrastiveLoss:
         """L2-normalised embeddings and the logit multiplier -> (scalar loss, 0-d stat tensors)."""
         raise NotImplementedError
 
+    def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale, with_stats: bool = True) -> LossResult:
+        """The loss and its statistics, which the trainer sums at every step it gets them. A loss
+        whose statistics cost work the loss itself does not need may leave them out when
+        ``with_stats`` is False (steps that write no row of training.csv)."""
+        return self(image_emb, text_emb, scale)
+
     def problems(self) -> list[str]:
         """Why these parameter values cannot train; empty when they can."""
         return []

@@ -1,0 +1,80 @@
+"""Training batches on the training device: gathered from a split's decoded images (a read-only
+memory map shared by the processes of a node), normalised, and optionally augmented.
+
+On CUDA a batch is gathered into pinned host memory and copied asynchronously (two buffers
+take turns, so gathering the next batch overlaps the copy of this one). Augmentation
+(``--augment``) runs on the device, on the whole batch at once, with its random draws seeded
+by (seed, step): a run and its resumed continuation see the same crops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipse.data import SplitTensors
+from clipse.evaluation import ImageNormalizer
+
+CROP_SCALE = (0.9, 1.0)        # share of the image area a crop keeps (OpenCLIP's training default)
+CROP_RATIO = (3 / 4, 4 / 3)    # aspect ratios of the crop
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
+    """Random resized crops (and horizontal flips) of a float (B, 3, R, R) batch, back at R x R:
+    one affine resampling per image, drawn from ``generator`` on the CPU."""
+    batch = images.shape[0]
+    area = torch.empty(batch).uniform_(*CROP_SCALE, generator=generator)
+    log_ratio = torch.empty(batch).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=generator)
+    ratio = log_ratio.exp()
+    width, height = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    centre_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - width)
+    centre_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - height)
+    mirror = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(batch)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width * mirror, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    theta = theta.to(images.device, images.dtype, non_blocking=True)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class TrainingBatches:
+    """``batches(pairs, step) -> (images, tokens)`` on the device, images normalised."""
+
+    def __init__(self, split: SplitTensors, normalize: ImageNormalizer, augment: str = "none", seed: int = 0):
+        self.split, self.normalize, self.augment, self.seed = split, normalize, augment, seed
+        self.device = normalize.device
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = []
+        self._turn = 0
+
+    def _gather_pinned(self, rows: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._buffers or self._buffers[0][0].shape[0] < len(rows):
+            image_shape, token_shape = self.split.images.shape[1:], self.split.tokens.shape[1:]
+            self._buffers = [(torch.empty((len(rows), *image_shape), dtype=torch.uint8).pin_memory(),
+                              torch.empty((len(rows), *token_shape), dtype=self.split.tokens.dtype).pin_memory(),
+                              torch.cuda.Event()) for _ in range(2)]
+        images, tokens, copied = self._buffers[self._turn]
+        self._turn = 1 - self._turn
+        copied.synchronize()  # the copy out of this buffer two batches ago has finished
+        n = len(rows)
+        torch.index_select(self.split.images, 0, rows, out=images[:n])
+        torch.index_select(self.split.tokens, 0, pairs, out=tokens[:n])
+        on_device = images[:n].to(self.device, non_blocking=True), tokens[:n].to(self.device, non_blocking=True)
+        copied.record()
+        return on_device
+
+    def __call__(self, batch: np.ndarray, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = torch.from_numpy(batch)
+        rows = self.split.caption_image[pairs]
+        if self.device.type == "cuda":
+            images, tokens = self._gather_pinned(rows, pairs)
+        else:
+            images, tokens = self.split.images[rows], self.split.tokens[pairs]
+        images = self.normalize(images)
+        if self.augment != "none":
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            images = augment_batch(images, generator, flip=self.augment == "crop_flip")
+        return images, tokens

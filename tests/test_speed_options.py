@@ -1,0 +1,103 @@
+"""Precision, torch.compile, gradient checkpointing, augmentation and the pinned batch path."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipse.batches import TrainingBatches, augment_batch
+from clipse.evaluation import ImageNormalizer
+from clipse.train import main as train_main
+from clipse.train import train
+
+
+def step_losses(result) -> list[float]:
+    with open(Path(result.run_dir) / "training.csv", newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def run(tiny, name, **changes):
+    config = tiny(epochs=1, log_every=1, **changes)
+    return train(config.replace(run_dir=str(Path(config.run_dir).parent / name)))
+
+
+def test_amp_fp16_on_the_cpu_is_one_line_before_anything_is_written(tmp_path, capsys):
+    code = train_main(["--precision", "amp_fp16", "--device", "cpu", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--precision amp_fp16 needs CUDA" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_precision_on_the_cpu(tiny):
+    fp32, auto, bf16 = (run(tiny, name, precision=name) for name in ("fp32", "auto", "amp_bf16"))
+    assert step_losses(fp32) == step_losses(auto)  # auto is fp32 on the CPU
+    assert all(torch.isfinite(torch.tensor(step_losses(bf16))))
+    assert step_losses(bf16) != step_losses(fp32)  # bf16 autocast did run
+    assert step_losses(bf16)[:3] == pytest.approx(step_losses(fp32)[:3], rel=0.02)  # then they drift apart
+
+
+def test_gradient_checkpointing_computes_the_same_steps(tiny):
+    plain, checkpointed = run(tiny, "plain"), run(tiny, "checkpointed", grad_checkpointing=True)
+    assert step_losses(checkpointed) == pytest.approx(step_losses(plain), rel=1e-5)
+    assert checkpointed.best_metrics == pytest.approx(plain.best_metrics, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_compiled_towers_compute_the_same_steps(tiny):
+    plain, compiled = (run(tiny, name, model="clipse-tiny-64", compile=name == "compiled")
+                       for name in ("plain", "compiled"))
+    assert step_losses(compiled) == pytest.approx(step_losses(plain), rel=1e-3)
+
+
+def test_a_full_crop_is_the_identity_and_a_flip_mirrors(monkeypatch):
+    import clipse.batches as batches
+
+    images = torch.rand(4, 3, 8, 8)
+    monkeypatch.setattr(batches, "CROP_SCALE", (1.0, 1.0))
+    monkeypatch.setattr(batches, "CROP_RATIO", (1.0, 1.0))
+    kept = augment_batch(images, torch.Generator().manual_seed(0), flip=False)
+    assert torch.allclose(kept, images, atol=1e-5)
+    flipped = augment_batch(images, torch.Generator().manual_seed(1), flip=True)
+    mirrored = [torch.allclose(flipped[i], images[i].flip(-1), atol=1e-5) for i in range(4)]
+    same = [torch.allclose(flipped[i], images[i], atol=1e-5) for i in range(4)]
+    assert all(m or s for m, s in zip(mirrored, same)) and any(mirrored)
+
+
+def test_augmentation_is_seeded_by_the_step(tiny):
+    from clipse.assembly import dataset_for, model_for, split_tensors
+
+    config = tiny()
+    loaded = model_for(config)
+    split = split_tensors(dataset_for(config), "train", loaded)
+    normalize = ImageNormalizer(loaded.mean, loaded.std, torch.device("cpu"))
+    batch = torch.arange(8).numpy()
+    plain = TrainingBatches(split, normalize)(batch, 3)[0]
+    crops = TrainingBatches(split, normalize, "crop_flip", seed=5)
+    assert torch.equal(crops(batch, 3)[0], TrainingBatches(split, normalize, "crop_flip", seed=5)(batch, 3)[0])
+    assert not torch.equal(crops(batch, 3)[0], crops(batch, 4)[0])
+    assert not torch.equal(crops(batch, 3)[0], plain) and crops(batch, 3)[0].shape == plain.shape
+    assert torch.equal(crops(batch, 3)[1], TrainingBatches(split, normalize)(batch, 3)[1])  # tokens untouched
+
+
+def test_an_augmented_run_is_reproducible_and_differs(tiny):
+    first, again, plain = run(tiny, "a", augment="crop"), run(tiny, "b", augment="crop"), run(tiny, "c")
+    assert step_losses(first) == step_losses(again) != step_losses(plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_batches_on_cuda_equal_the_cpu_path(tiny):
+    from clipse.assembly import dataset_for, model_for, split_tensors
+
+    config = tiny()
+    loaded = model_for(config)
+    split = split_tensors(dataset_for(config), "train", loaded)
+    on_cpu = TrainingBatches(split, ImageNormalizer(loaded.mean, loaded.std, torch.device("cpu")))
+    on_gpu = TrainingBatches(split, ImageNormalizer(loaded.mean, loaded.std, torch.device("cuda")))
+    for step, batch in enumerate([torch.arange(8).numpy(), torch.arange(8, 20).numpy(), torch.arange(5).numpy()]):
+        images, tokens = on_gpu(batch, step)
+        expected_images, expected_tokens = on_cpu(batch, step)
+        torch.cuda.synchronize()
+        assert torch.allclose(images.cpu(), expected_images) and torch.equal(tokens.cpu(), expected_tokens)
