@@ -1,4 +1,4 @@
-"""Node-shared data, measured: the first decode on one core and on every usable core, and the
+"""Node-shared data, measured: the first decode in one thread and in one per usable core, and the
 memory four worker processes use for one dataset when each loads its own copy (how clipse read
 its cache before) and when they share the read-only memory map (how it reads it now).
 
@@ -100,7 +100,7 @@ def main() -> int:
         memory = {mode: measure(mode, paths, args.workers) for mode in ("own copy", "shared memory map")}
     print(f"decoding {args.images} JPEGs (320x256) to {RESOLUTION} px:")
     for cpus, rate in rates.items():
-        print(f"  {cpus} process(es): {rate:7.1f} images/s")
+        print(f"  {cpus} thread(s): {rate:7.1f} images/s")
     print(f"  ratio all/one: {rates[usable_cpus()] / rates[1]:.2f}x on {usable_cpus()} usable CPUs")
     print(f"\nmemory of {args.workers} workers holding the decoded split ({size_mb:.0f} MB), PSS added per worker:")
     for mode, values in memory.items():

@@ -42,7 +42,7 @@ def write_openclip_csv(workdir: Path, train_images: int) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "title"])
         for caption, row in zip(split.captions, split.caption_image):
-            writer.writerow([str(split.image_paths[row]), caption])
+            writer.writerow([str(Path(split.image_paths[row]).resolve()), caption])  # OpenCLIP runs elsewhere
     return path
 
 

@@ -36,6 +36,8 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, flip: bool) 
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = width * mirror, centre_x
     theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    if images.device.type == "cuda":
+        theta = theta.pin_memory()  # so that the copy below does not wait
     theta = theta.to(images.device, images.dtype, non_blocking=True)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -1,13 +1,14 @@
 """Decoding image files to square uint8 arrays, on one core or on every core the process may use.
 
-Kept free of torch (it imports only PIL and numpy), so that the decoding processes start fast.
+The parallel decode runs in threads: Pillow releases the interpreter lock while it decodes and
+resizes, and threads (unlike processes) work inside the daemon worker processes that run trials
+and need no second import of clipse, torch and OpenCLIP per core.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,8 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipse.errors import UserError
 
-BLOCK = 64            # images per task of a decoding process
-PARALLEL_FROM = 512   # fewer images decode faster than processes start
+BLOCK = 64            # images per task of a decoding thread
+PARALLEL_FROM = 512   # below this, one thread
 
 
 def decode_image(path: Path, resolution: int) -> np.ndarray:
@@ -44,8 +45,8 @@ def usable_cpus() -> int:
 
 def decode_images(paths: Sequence[Path], resolution: int, workers: int | None = None,
                   advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
-    """Every image as one (N, 3, R, R) uint8 array, decoded by ``workers`` processes (default:
-    every usable CPU; one for a few hundred images). ``advance(n)`` is told of each n decoded."""
+    """Every image as one (N, 3, R, R) uint8 array, decoded by ``workers`` threads (default: one
+    per usable CPU; none for a few hundred images). ``advance(n)`` is told of each n decoded."""
     out = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
     workers = workers or (usable_cpus() if len(paths) >= PARALLEL_FROM else 1)
     if workers <= 1:
@@ -54,8 +55,7 @@ def decode_images(paths: Sequence[Path], resolution: int, workers: int | None = 
             advance(1)
         return out
     starts = range(0, len(paths), BLOCK)
-    # spawn: the caller may hold threads (heartbeats, progress) that a forked child would inherit stopped
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ThreadPoolExecutor(min(workers, len(starts)), thread_name_prefix="clipse-decode") as pool:
         blocks = pool.map(_decode_block, [paths[s:s + BLOCK] for s in starts], [resolution] * len(starts))
         for start, block in zip(starts, blocks):
             out[start:start + len(block)] = block

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,7 @@ def space_name(path: Path, folder: Path) -> str:
     """A space's name, which is also its study's default name: the file's stem, prefixed with its
     subfolder of the spaces folder (``finetune/debias`` is ``finetune-debias``, not ``debias``)."""
     try:
-        relative = path.resolve().relative_to(folder.resolve())
+        relative = Path(os.path.abspath(path)).relative_to(os.path.abspath(folder))
     except ValueError:
         return path.stem
     return "-".join(relative.with_suffix("").parts)

@@ -198,8 +198,8 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
             with torch.no_grad():
                 model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
                 loss_sum += loss.detach()
-                for key, value in stats.items():
-                    stat_sums[key] = stat_sums.get(key, 0.0) + value.detach()
+                for key, value in stats.items():  # 0-d tensors (a loss may give plain numbers too)
+                    stat_sums[key] = stat_sums.get(key, 0.0) + torch.as_tensor(value, device=device)
                     stat_steps[key] = stat_steps.get(key, 0) + 1
             window_samples += len(batch)
             bar.update(1)

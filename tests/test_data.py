@@ -195,17 +195,59 @@ def test_parallel_decoding_gives_the_sequential_array_and_names_a_bad_file(tmp_p
         decode_images(paths, 16, workers=2)
 
 
-def test_a_cached_split_is_a_read_only_memory_map_shared_through_the_page_cache(tmp_path, fresh_cache):
+def test_parallel_decoding_works_inside_a_daemon_worker(tmp_path):
+    """Trials run in daemon processes, which may not start processes of their own."""
+    import multiprocessing
+
+    from clipse.image_decode import decode_images
+
+    paths = []
+    for i in range(70):
+        paths.append(tmp_path / f"{i}.jpg")
+        write_jpeg(paths[-1], colour=(i, 100, 50), size=(30, 30))
+    worker = multiprocessing.get_context("spawn").Process(target=decode_images, args=(paths, 16),
+                                                          kwargs={"workers": 2}, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert worker.exitcode == 0
+
+
+def test_a_cached_split_is_a_memory_map_shared_through_the_page_cache(tmp_path, fresh_cache):
     path = tmp_path / "a.jpg"
     write_jpeg(path, colour=(10, 200, 10), size=(50, 20))
     for _ in range(2):  # as built, then as loaded: the tensor's data is the mapped file
         images = cached_images([path], 16, "train")
         entry = next((fresh_cache / "tensors").glob("images-*.npy"))
-        maps = Path("/proc/self/maps").read_text().splitlines()
-        mapped = [line for line in maps if line.endswith(str(entry))]
-        assert mapped and all(line.split()[1].startswith("r") and "w" not in line.split()[1] for line in mapped)
+        mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(entry))]
+        assert mapped and all(line.split()[1].endswith("p") for line in mapped)  # private: writes never reach the file
         assert any(int(m.split()[0].split("-")[0], 16) <= images.data_ptr() < int(m.split()[0].split("-")[1], 16)
                    for m in mapped), (hex(images.data_ptr()), mapped)
+    before = entry.read_bytes()
+    images += 1  # a stray write copies the page: no crash, the entry unchanged
+    assert entry.read_bytes() == before and torch.equal(cached_images([path], 16, "train") + 1, images)
+
+
+def test_an_entry_another_process_published_first_is_kept(tmp_path, fresh_cache, monkeypatch):
+    """A mapped entry must never be replaced under the processes that map it."""
+    path = tmp_path / "a.jpg"
+    write_jpeg(path, colour=(10, 200, 10), size=(50, 20))
+    first = cached_images([path], 16, "train")
+    entry = next((fresh_cache / "tensors").glob("images-*.npy"))
+    inode = entry.stat().st_ino
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: False if self == entry else real_is_file(self))  # a racing build
+    again = cached_images([path], 16, "train")
+    assert entry.stat().st_ino == inode and torch.equal(again, first)
+    assert not list(entry.parent.glob("*.tmp"))
+
+
+def test_an_empty_cache_entry_is_rebuilt(tmp_path, fresh_cache):
+    path = tmp_path / "a.jpg"
+    write_jpeg(path, colour=(10, 200, 10), size=(50, 20))
+    first = cached_images([path], 16, "train").clone()
+    entry = next((fresh_cache / "tensors").glob("images-*.npy"))
+    entry.write_bytes(b"")
+    assert torch.equal(cached_images([path], 16, "train"), first)
 
 
 def test_token_cache(fresh_cache):

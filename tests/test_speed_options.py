@@ -37,6 +37,15 @@ def test_precision_on_the_cpu(tiny):
     assert step_losses(bf16)[:3] == pytest.approx(step_losses(fp32)[:3], rel=0.02)  # then they drift apart
 
 
+def test_gradient_checkpointing_is_switched_on_in_both_towers(tiny):
+    from clipse.assembly import model_for, prepare_model
+
+    config = tiny(grad_checkpointing=True)
+    model = prepare_model(model_for(config).model, config)
+    assert model.visual.transformer.grad_checkpointing and model.transformer.grad_checkpointing
+    assert not model_for(config).model.visual.transformer.grad_checkpointing
+
+
 def test_gradient_checkpointing_computes_the_same_steps(tiny):
     plain, checkpointed = run(tiny, "plain"), run(tiny, "checkpointed", grad_checkpointing=True)
     assert step_losses(checkpointed) == pytest.approx(step_losses(plain), rel=1e-5)
@@ -46,8 +55,12 @@ def test_gradient_checkpointing_computes_the_same_steps(tiny):
 @pytest.mark.slow
 @pytest.mark.compile
 def test_compiled_towers_compute_the_same_steps(tiny):
-    plain, compiled = (run(tiny, name, model="clipse-tiny-64", compile=name == "compiled")
-                       for name in ("plain", "compiled"))
+    from torch._dynamo.utils import counters
+
+    plain = run(tiny, "plain", model="clipse-tiny-64")
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = run(tiny, "compiled", model="clipse-tiny-64", compile=True)
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo compiled the towers
     assert step_losses(compiled) == pytest.approx(step_losses(plain), rel=1e-3)
 
 
@@ -96,8 +109,10 @@ def test_pinned_batches_on_cuda_equal_the_cpu_path(tiny):
     split = split_tensors(dataset_for(config), "train", loaded)
     on_cpu = TrainingBatches(split, ImageNormalizer(loaded.mean, loaded.std, torch.device("cpu")))
     on_gpu = TrainingBatches(split, ImageNormalizer(loaded.mean, loaded.std, torch.device("cuda")))
-    for step, batch in enumerate([torch.arange(8).numpy(), torch.arange(8, 20).numpy(), torch.arange(5).numpy()]):
-        images, tokens = on_gpu(batch, step)
+    batches = [torch.arange(8).numpy(), torch.arange(8, 20).numpy(), torch.arange(5).numpy(),
+               torch.arange(20, 28).numpy(), torch.arange(3, 11).numpy()]
+    on_device = [on_gpu(batch, step) for step, batch in enumerate(batches)]  # buffers reused before any check
+    torch.cuda.synchronize()
+    for step, (batch, (images, tokens)) in enumerate(zip(batches, on_device)):
         expected_images, expected_tokens = on_cpu(batch, step)
-        torch.cuda.synchronize()
         assert torch.allclose(images.cpu(), expected_images) and torch.equal(tokens.cpu(), expected_tokens)

@@ -280,7 +280,7 @@ def test_an_unreachable_mlflow_server_costs_one_warning_line(tmp_path):
     args = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12", "--epochs", "2",
             "--batch-size", "16", "--no-progress", "--threads", "1", "--data-root", str(tmp_path / "shapes"),
             "--run-dir", str(run), "--registry", str(tmp_path / "registry.csv"),
-            "--report-to", "mlflow", "--mlflow-uri", "http://127.0.0.1:9"]
+            "--report-to", "mlflow", "--mlflow-uri", "http://127.0.0.1:9", "--log-every", "1"]
     timed = ("import sys, time; from clipse.train import main; started = time.perf_counter(); code = main(sys.argv[1:]); "
              "print(f'seconds {time.perf_counter() - started:.1f}'); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", timed, *args], capture_output=True, text=True, timeout=120)

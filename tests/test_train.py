@@ -366,3 +366,11 @@ def test_statistics_summed_on_the_device_give_the_epoch_means_of_every_step(tiny
     assert float(rows[0][0]["weight_std"]) == pytest.approx(
         sum(float(r["weight_std"]) for r in steps if r["epoch"] == "1") / sum(r["epoch"] == "1" for r in steps), rel=1e-5)
     assert [int(r["step"]) for r in read_csv(Path(sparse.run_dir) / "training.csv")] == [7, 14, 15, 21, 28, 30]
+
+
+def test_a_non_finite_loss_between_rows_is_found_with_its_step(tiny, diverging_loss):
+    """With rows every 3 steps, a NaN at step 5 is noticed at step 6 and reported as step 5;
+    no row from step 5 on is written."""
+    result = train(tiny(loss="diverges", diverge_at=5, log_every=3))
+    assert result.status == "diverged" and result.diverged_step == 5
+    assert [int(r["step"]) for r in read_csv(Path(result.run_dir) / "training.csv")] == [3]

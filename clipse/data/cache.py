@@ -1,6 +1,6 @@
 """Decode-once caches: images as resized uint8 tensors, captions as token tensors (docs/data.md).
 The first decode of a split uses every CPU the process may use (``clipse.image_decode``); every
-later load memory-maps the entry read-only, so the processes of a node share one copy.
+later load memory-maps the entry, so the processes of a node share one copy.
 
 Cache files live under ``$CLIPSE_CACHE/tensors``, named by a hash of what they were made from
 (image paths with size and modification time, the split and the resolution; or the captions
@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,14 +43,22 @@ def _cache_file(kind: str, key: str) -> Path:
     return cache_dir() / "tensors" / f"{kind}-{key}.npy"
 
 
+def _mapped(path: Path) -> np.ndarray:
+    """The entry as a copy-on-write memory map: reading shares the page cache with every other
+    process of the machine, and a stray write copies a page instead of crashing the process."""
+    return np.load(path, mmap_mode="c")
+
+
 def _load_or_build(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """The cache entry, memory-mapped read-only: every process on a machine that reads it shares
-    one copy through the page cache. Built (and written) when missing or damaged."""
+    """The cache entry, memory-mapped (``_mapped``). Built and written when missing or damaged.
+    A new entry is published without replacing one another process wrote meanwhile: a file that
+    other processes have mapped must not be swapped under them (on NFS their pages would go)."""
+    damaged = False
     if path.is_file():
         try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError):
-            pass  # a damaged entry is rebuilt below
+            return _mapped(path)
+        except (OSError, ValueError, EOFError):
+            damaged = True  # rebuilt below
     array = build()
     tmp = None
     try:
@@ -59,20 +66,20 @@ def _load_or_build(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, array)
-        os.replace(tmp, path)
+        if damaged:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # another process published it first: use theirs
+                pass
+            os.unlink(tmp)
     except OSError as exc:  # a full disk or a read-only cache: go on without the cache entry
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         log.warning("cannot write the cache entry %s (%s); going on without it", path, exc.strerror or exc)
         return array
-    return np.load(path, mmap_mode="r")  # the built copy is freed: this process shares the page cache too
-
-
-def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor over a read-only memory map (nothing in clipse writes into its data)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
+    return _mapped(path)  # the built copy is freed: this process shares the page cache too
 
 
 def cached_images(paths: Sequence[Path], resolution: int, split: str) -> torch.Tensor:
@@ -90,7 +97,7 @@ def cached_images(paths: Sequence[Path], resolution: int, split: str) -> torch.T
                   disable=None if len(paths) > 2000 else True, leave=False) as bar:
             return decode_images(paths, resolution, advance=bar.update)
 
-    return _read_only_tensor(_load_or_build(_cache_file("images", _digest(parts)), build))
+    return torch.from_numpy(_load_or_build(_cache_file("images", _digest(parts)), build))
 
 
 def cached_tokens(captions: Sequence[str], tokenize: Callable[[list[str]], torch.Tensor],
@@ -101,4 +108,4 @@ def cached_tokens(captions: Sequence[str], tokenize: Callable[[list[str]], torch
     def build() -> np.ndarray:
         return tokenize(list(captions)).numpy().astype(np.int32)
 
-    return _read_only_tensor(_load_or_build(_cache_file("tokens", key), build)).long()
+    return torch.from_numpy(_load_or_build(_cache_file("tokens", key), build)).long()

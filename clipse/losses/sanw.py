@@ -57,27 +57,32 @@ def weight_stats(
 ) -> dict[str, torch.Tensor]:
     """The weight statistics over the off-diagonal entries (NaN when the batch has no negatives).
 
-    Values stay 0-d tensors so that a training step does not have to synchronise a GPU;
+    Values stay 0-d tensors, computed with masked reductions (no boolean indexing, whose output
+    size a GPU would have to report back), so that a training step never waits for the device;
     ``weight_std`` is the population standard deviation.
     """
-    off = ~torch.eye(weights.shape[0], dtype=torch.bool, device=weights.device)
-    w = weights[off].float()
-    if w.numel() == 0:
+    batch = weights.shape[0]
+    names = ["weight_mean", "weight_std", "weight_min", "weight_max", "share_suppressed", "share_emphasised",
+             "affinity_mean"] + (["band_coverage"] if band is not None else [])
+    if batch < 2:
         nan = torch.tensor(float("nan"), device=weights.device)
-        names = ["weight_mean", "weight_std", "weight_min", "weight_max", "share_suppressed",
-                 "share_emphasised", "affinity_mean"] + (["band_coverage"] if band is not None else [])
         return {name: nan for name in names}
+    eye = torch.eye(batch, dtype=torch.bool, device=weights.device)
+    off = (~eye).float()
+    count = batch * (batch - 1)
+    w = weights.float()
+    mean = (w * off).sum() / count
     stats = {
-        "weight_mean": w.mean(),
-        "weight_std": w.std(unbiased=False),
-        "weight_min": w.min(),
-        "weight_max": w.max(),
-        "share_suppressed": (w < SUPPRESSED_BELOW).float().mean(),
-        "share_emphasised": (w > EMPHASISED_ABOVE).float().mean(),
-        "affinity_mean": aff[off].float().mean(),
+        "weight_mean": mean,
+        "weight_std": (((w - mean) ** 2) * off).sum().div(count).sqrt(),
+        "weight_min": w.masked_fill(eye, float("inf")).amin(),
+        "weight_max": w.masked_fill(eye, float("-inf")).amax(),
+        "share_suppressed": ((w < SUPPRESSED_BELOW).float() * off).sum() / count,
+        "share_emphasised": ((w > EMPHASISED_ABOVE).float() * off).sum() / count,
+        "affinity_mean": (aff.float() * off).sum() / count,
     }
     if band is not None:
-        stats["band_coverage"] = (band[off] > BAND_COVERED_ABOVE).float().mean()
+        stats["band_coverage"] = ((band > BAND_COVERED_ABOVE).float() * off).sum() / count
     return stats
 
 
