@@ -108,12 +108,12 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metrics: l
 
 def _attach_artifacts(trial: optuna.Trial, ref: StudyRef, run: RunFolder) -> None:
     """training.csv and a dynamics plot, shown by optuna-dashboard --artifact-dir."""
-    from clipse.report.dynamics import plot_run
+    from clipse.report.dynamics import plot_finished_run
 
     store_dir = ref.folder.artifacts
     store_dir.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(store_dir))
-    plot_run(run.path, run.dynamics_png)
+    plot_finished_run(run)
     for path in (run.training_csv, run.dynamics_png):
         if path.exists():
             upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)

@@ -91,6 +91,16 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     return plot_runs([(Path(run_dir), Path(run_dir).name)], out, title=str(run_dir), panels=TRIAL_PANELS, dpi=72)
 
 
+def plot_finished_run(folder: RunFolder) -> Path:
+    """The run folder's ``dynamics.png`` (``plot_run``), drawn unless it is newer than the CSVs it
+    shows: the search and the MLflow tracker both attach it, and it is drawn once."""
+    csvs = [path.stat().st_mtime_ns for path in (folder.training_csv, folder.epochs_csv) if path.exists()]
+    png = folder.dynamics_png
+    if not png.exists() or png.stat().st_mtime_ns < max(csvs, default=0):
+        plot_run(folder.path, png)
+    return png
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.dynamics", description=__doc__.splitlines()[0])

@@ -235,10 +235,10 @@ class MlflowTracker(Tracker):
                 outcome.update({f"best_{self.select_metric}": result.best_value, "best_epoch": result.best_epoch})
             self._log_metrics([(key, value, result.epochs_done) for key, value in outcome.items()])
             csvs = [path for path in (folder.training_csv, folder.epochs_csv) if path.exists()]
-            if csvs and not folder.dynamics_png.exists():
-                from clipse.report.dynamics import plot_run
+            if csvs:
+                from clipse.report.dynamics import plot_finished_run
 
-                plot_run(folder.path, folder.dynamics_png)
+                plot_finished_run(folder)
             for path in [*csvs, folder.dynamics_png]:
                 if path.exists():
                     self.client.log_artifact(self.run_id, str(path))
