@@ -1,6 +1,4 @@
-"""The chaos soak (benchmarks/chaos.py) on half its default schedule: faults of every kind during a
-local search, nothing lost. (The default schedule's figures in the README come from the
-benchmark itself; half keeps the test suite within its time.)"""
+"""The chaos soak's default schedule: faults of every kind during a local search, nothing lost."""
 
 from __future__ import annotations
 
@@ -14,11 +12,11 @@ from conftest import PROJECT
 
 
 @pytest.mark.slow
-def test_a_chaos_schedule_loses_nothing():
-    done = subprocess.run([sys.executable, str(PROJECT / "benchmarks" / "chaos.py"), "--trials", "8", "--faults", "12"],
-                          capture_output=True, text=True, timeout=900)
+def test_the_default_chaos_schedule_loses_nothing():
+    done = subprocess.run([sys.executable, str(PROJECT / "benchmarks" / "chaos.py")], capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
-    assert summary["lost"] == 0 and summary["faults"] >= 10
+    assert summary["lost"] == 0 and summary["faults"] >= 15
     assert summary["by_kind"].get("kill-worker", 0) >= 1 and summary["restarts"] >= 2 and summary["retries"] >= 1
     assert summary["torn_tails_cut"] >= 1 and summary["epochs_retrained"] == 0
