@@ -4,14 +4,17 @@
 #   2. ViT-B-32 (random init) on 224-px synthetic images for a fixed number of steps at batch 256
 #      with --precision amp_bf16, without and with --compile, and OpenCLIP's own trainer on the
 #      same data, batch and precision: samples/s and the ratios;
-#   3. the bare-loop comparison on the GPU.
+#   3. the bare-loop comparison on the GPU;
+#   4. micro-batching on the GPU: batch 1,024 with --micro-batch 128 against plain batches
+#      (peak memory allocated and samples/s, benchmarks/micro_batch.py), and, with 2 or more
+#      GPUs, ViT-B-32 at batch 256 over --nproc N (every GPU) against one.
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]     (figures also go to OUT_DIR/gpu_check.txt)
 # Needs: pip install -e '.[test,bench]' (OpenCLIP's trainer needs the bench extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p "${1:-gpu_check}"
 OUT=$(cd "${1:-gpu_check}" && pwd)   # absolute: OpenCLIP's trainer runs in another folder
-rm -rf "$OUT/warm" "$OUT/eager" "$OUT/compiled"   # a rerun measures afresh
+rm -rf "$OUT/warm" "$OUT/eager" "$OUT/compiled" "$OUT/nproc"   # a rerun measures afresh
 export CLIPSE_CACHE=${CLIPSE_CACHE:-$OUT/cache}
 REPORT="$OUT/gpu_check.txt"
 : > "$REPORT"
@@ -61,4 +64,14 @@ EOF
 
 say "== bare loop on the GPU (default model and batch)"
 python benchmarks/bare_loop.py --device cuda --rounds 3 2>/dev/null | tail -1 | tee -a "$REPORT"
+say "== micro-batching on the GPU (clipse-small)"
+python benchmarks/micro_batch.py --device cuda --steps 8 2>/dev/null | tail -5 | tee -a "$REPORT"
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -ge 2 ]; then
+    say "== ViT-B-32, batch 256 over --nproc $GPUS"
+    python -m clipse.train "${COMMON[@]}" --nproc "$GPUS" --run-dir "$OUT/nproc" >/dev/null
+    say "clipse --nproc $GPUS  $(median_rate "$OUT/nproc") samples/s (one GPU: $EAGER)"
+else
+    say "== --nproc: one GPU here, nothing to compare"
+fi
 say "figures: $REPORT"

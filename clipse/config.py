@@ -75,6 +75,11 @@ class TrainConfig:
     seed: int = setting(0, "seed of model init, batch order and everything random in training")
     device: str = setting("auto", "where to train", choices=DEVICES)
     threads: int = setting(0, "CPU threads for torch (0 = torch's default)")
+    nproc: int = setting(1, "processes that train the run data-parallel (one GPU each with --device cuda); the loss "
+                            "and SANW weights still see the whole --batch-size, gathered from all of them")
+    micro_batch: int = setting(0, "encode each process's share of a batch this many pairs at a time (GradCache: "
+                                  "the loss still sees the whole batch, memory stays that of the micro-batch; "
+                                  "0 = off)")
     precision: str = setting("auto", "auto: bf16 autocast on CUDA where supported (else fp16 with loss scaling), "
                                      "fp32 on the CPU; or fp32, amp_bf16, amp_fp16 (CUDA only)", choices=PRECISIONS)
     compile: bool = setting(False, "torch.compile the image and text towers (the first steps compile)")
@@ -144,13 +149,15 @@ class TrainConfig:
         else:
             problems += self.loss_function().problems()
         for name, low in (("epochs", 1), ("batch_size", 2), ("log_every", 1), ("shapes_train_images", 2),
-                          ("shapes_val_images", 1), ("shapes_test_images", 1)):
+                          ("shapes_val_images", 1), ("shapes_test_images", 1), ("nproc", 1), ("micro_batch", 0)):
             if getattr(self, name) < low:
                 problems.append(f"{name}={getattr(self, name)}: needs at least {low}")
         for name in ("lr", "warmup_epochs", "weight_decay", "grad_clip", "alpha_warmup_epochs", "threads",
                      "topical_clusters"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)}: must not be negative")
+        if self.batch_size < self.nproc:
+            problems.append(f"batch_size={self.batch_size}: needs at least one pair per process (nproc={self.nproc})")
         if self.init_temperature <= 0:
             problems.append(f"init_temperature={self.init_temperature}: must be positive")
         problems += tracking_problems(self)

@@ -26,6 +26,11 @@ class StorageFull(UserError):
     previous version is kept, and retrying can help once space is freed."""
 
 
+class RankLost(UserError):
+    """A process of a data-parallel run died (killed, out of memory). The run folder keeps its
+    last epoch checkpoint: ``--resume`` continues, and a search retries the trial."""
+
+
 STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 

@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from clipse.config import STUDY_TRACKING_KEYS, TrainConfig, add_config_arguments, config_overrides
 from clipse.errors import UserError, cli_main, configure_logging
-from clipse.executors import DONE, LOST, ExecutorOptions, Task, executor_from_options
+from clipse.executors import DONE, LOST, ExecutorOptions, Task, executor_from_options, for_training
 from clipse.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.progress import format_duration
@@ -255,8 +255,9 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
     print(f"[{label}] {len(runs) - len(todo)} of {len(runs)} runs already finished; training {len(todo)}",
           file=sys.stderr)
     if todo:
-        executor = executor_from_options(options.execution, folder.final_slurm, job_name=f"{options.study}-final")
-        workload = RunWorkload(todo, options.execution, label)
+        execution = for_training(options.execution, todo[0].config)  # the runs share the study's base settings
+        executor = executor_from_options(execution, folder.final_slurm, job_name=f"{options.study}-final")
+        workload = RunWorkload(todo, execution, label)
         if run_workload(executor, workload).interrupted:
             return FinalResult(options.study, storage, folder.final, {}, [], {}, interrupted=True)
         if workload.diverged:

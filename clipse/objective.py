@@ -28,7 +28,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
 from clipse.config import TrainConfig
-from clipse.errors import UserError, is_storage_full
+from clipse.errors import RankLost, UserError, is_storage_full
 from clipse.executors import worker_environment
 from clipse.paths import StudyFolder
 from clipse.run_folder import RunFolder
@@ -167,7 +167,8 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("error", text)
-            if is_storage_full(exc):  # the run folder keeps its last checkpoint: a retry resumes once space is freed
+            # The run folder keeps its last checkpoint: a retry resumes (once space is freed, on sound ranks).
+            if is_storage_full(exc) or isinstance(exc, RankLost):
                 retry_lost_trial(study, _frozen(study, trial.number), text, max_retries)
                 return TrialOutcome(trial.number, "FAIL", error=text)
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])

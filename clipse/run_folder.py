@@ -41,7 +41,8 @@ from clipse.paths import ADHOC_RUNS_DIR
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUME_FREE_KEYS = frozenset({"resume", "progress", "threads", "device", "registry", "run_dir", "study", "trial",
-                              "eval_test", "log_every", "compile", "grad_checkpointing", *TRACKING_KEYS})
+                              "eval_test", "log_every", "compile", "grad_checkpointing", "nproc", "micro_batch",
+                              *TRACKING_KEYS})
 
 
 @dataclass

@@ -31,7 +31,7 @@ import optuna
 from clipse.config import (DATA_KEYS, MODEL_KEYS, SELECT_METRICS, STUDY_TRACKING_KEYS, TrainConfig,
                            add_config_arguments, config_overrides, read_yaml_document)
 from clipse.errors import UserError, cli_main, configure_logging
-from clipse.executors import BACKENDS, Executor, ExecutorOptions, Task, executor_from_options
+from clipse.executors import BACKENDS, Executor, ExecutorOptions, Task, executor_from_options, for_training
 from clipse.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.objective import StudyRef, TrialOutcome, run_trial_task
 from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
@@ -46,7 +46,7 @@ from clipse.tables import markdown_table
 from clipse.workload import Workload, run_workload
 
 # Training settings a search may fix for all its trials (the space chooses the rest).
-TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device")
+TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "nproc", "micro_batch")
 # Settings stored with a study that a resumed search may only repeat, not change.
 STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed")
 MAX_TASK_ERRORS = 3
@@ -253,7 +253,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
         existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
     settings = resolve_settings(options, existing, space, name)
     points = warm_start_points(space, options.enqueue, settings.sampler) if options.enqueue else []
-    executor = executor_from_options(options.execution, folder.slurm, job_name=name)
+    execution = for_training(options.execution, settings.base_config())
+    executor = executor_from_options(execution, folder.slurm, job_name=name)
     if executor.multi_node and storage.startswith("sqlite"):
         raise UserError(f"storage {storage}: SQLite is not safe for {executor.name} jobs on several nodes; use "
                         "--storage postgresql://... or a journal file on a shared filesystem (the default)")
@@ -278,7 +279,7 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
           f"{options.execution.backend}{workers}" + (f" | {enqueued} trial(s) enqueued" if enqueued else ""),
           file=sys.stderr)
     grace = executor.heartbeat_grace_s if options.heartbeat_grace is None else options.heartbeat_grace
-    workload = TrialWorkload(study, ref, options.execution, grace)
+    workload = TrialWorkload(study, ref, execution, grace)
     try:
         with ProgressLine(name, total, lambda: count_trials(study)):
             end = run_workload(executor, workload)

@@ -28,8 +28,10 @@ from clipse.assembly import (autocast_dtype, autocast_for, dataset_for, model_fo
                              split_tensors)
 from clipse.batches import TrainingBatches
 from clipse.config import TrainConfig, add_config_arguments, config_overrides, load_config_file
+from clipse.distributed import Ranks, run_ranks, serve, session_from_environment
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.evaluation import ImageNormalizer, evaluate_split
+from clipse.global_batch import contrastive_backward
 from clipse.losses import MAX_LOGIT_SCALE, STRENGTH_COLUMN, clamp_scale
 from clipse.metrics import METRIC_KEYS
 from clipse.models import list_models
@@ -103,7 +105,9 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         return finished
     trackers = open_trackers(config, folder)
     try:
-        result = train_in_folder(config, list(callbacks), folder, trackers, started)
+        with run_ranks(config.nproc) as ranks:
+            ranks.broadcast(config.replace(run_dir=str(folder.path)).to_mapping())  # the other ranks start
+            result = train_in_folder(config, list(callbacks), folder, trackers, started, ranks)
     except BaseException as error:
         trackers.abort(error)
         raise
@@ -111,17 +115,26 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
     return result
 
 
+def train_as_helper(config: TrainConfig, ranks: Ranks) -> None:
+    """A rank other than 0 of a data-parallel run: the same steps on its share of every batch;
+    it writes nothing (rank 0 keeps the run folder)."""
+    train_in_folder(config, [], RunFolder(config.run_dir), TrackerGroup([]), time.perf_counter(), ranks)
+
+
 def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunFolder, trackers: TrackerGroup,
-                    started: float) -> TrainResult:
-    """``train`` in a run folder it started: every row goes to the folder, then to ``trackers``."""
+                    started: float, ranks: Ranks) -> TrainResult | None:
+    """``train`` in a run folder it started: every row goes to the folder, then to ``trackers``
+    (on rank 0; the other ranks of a data-parallel run only train)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    device = ranks.device(resolve_device(config.device))
     autocast = autocast_for(device, config.precision)
     torch.manual_seed(config.seed)
     loaded = model_for(config)
     dataset = dataset_for(config)
-    model = prepare_model(loaded.model.to(device), config)
+    model = loaded.model.to(device)
+    ranks.broadcast_state(model)
+    model = prepare_model(model, config)
     train_data = split_tensors(dataset, "train", loaded)
     val_data = split_tensors(dataset, "val", loaded)
     normalize = ImageNormalizer(loaded.mean, loaded.std, device)
@@ -154,12 +167,14 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
         start_epoch, global_step, prior_seconds = state["epoch"], state["global_step"], state["seconds"]
         best_value, best_epoch, best_metrics = state["best_value"], state["best_epoch"], state["best_metrics"]
         last_metrics, weight_means = state["last_metrics"], state["weight_stats"]
-        log.info("%s: resuming after epoch %d (step %d)", folder.path, start_epoch, global_step)
-    repaired_steps, repaired_epoch = folder.rewind(start_epoch, global_step,
-                                                   state.get("rows") if state is not None else None)
-    trackers.log_steps(repaired_steps)
-    if repaired_epoch is not None:
-        trackers.log_epoch(repaired_epoch)
+        if ranks.main:
+            log.info("%s: resuming after epoch %d (step %d)", folder.path, start_epoch, global_step)
+    if ranks.main:
+        repaired_steps, repaired_epoch = folder.rewind(start_epoch, global_step,
+                                                       state.get("rows") if state is not None else None)
+        trackers.log_steps(repaired_steps)
+        if repaired_epoch is not None:
+            trackers.log_epoch(repaired_epoch)
 
     status, diverged_step, epochs_done = "completed", None, start_epoch
     model.train()
@@ -173,31 +188,28 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
         first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # global step of the first, or 0
         window_start, window_samples = time.perf_counter(), 0
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-                   disable=not config.progress, file=sys.stderr)
+                   disable=not (config.progress and ranks.main), file=sys.stderr)
         for index, batch in enumerate(batches):
             lr = learning_rate(global_step, total_steps, warmup_steps, config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = loss_function.ramped(warmup_fraction(config, epoch + (index + 1) / len(batches)))
             logged = (global_step + 1) % config.log_every == 0 or index == len(batches) - 1
-            images, tokens = training_batches(batch, global_step)
-            with autocast():
-                image_emb = model.encode_image(images, normalize=True)
-                text_emb = model.encode_text(tokens, normalize=True)
-                scale = model.logit_scale.exp()
-                loss, stats = step_loss.compute(image_emb.float(), text_emb.float(), scale.float(), with_stats=logged)
-            global_step += 1
-            first_nonfinite = torch.where((first_nonfinite == 0) & ~torch.isfinite(loss.detach()), global_step,
-                                          first_nonfinite)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss, stats, scale = contrastive_backward(
+                model, training_batches(batch, global_step, ranks), step_loss, ranks=ranks,
+                micro_batch=config.micro_batch, autocast=autocast, with_stats=logged, scale_loss=scaler.scale)
+            global_step += 1
+            first_nonfinite = torch.where((first_nonfinite == 0) & ~torch.isfinite(loss), global_step,
+                                          first_nonfinite)
+            ranks.average_gradients(model.parameters())
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             with torch.no_grad():
                 model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
-                loss_sum += loss.detach()
+                loss_sum += loss
                 for key, value in stats.items():  # 0-d tensors (a loss may give plain numbers too)
                     stat_sums[key] = stat_sums.get(key, 0.0) + torch.as_tensor(value, device=device)
                     stat_steps[key] = stat_steps.get(key, 0) + 1
@@ -214,17 +226,23 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
                 loss_value = loss.item()
                 step_rows.append({
                     "epoch": epoch + 1, "step": global_step, "loss": loss_value,
-                    "temperature": 1.0 / float(clamp_scale(scale.detach())), "lr": lr,
+                    "temperature": 1.0 / float(clamp_scale(scale)), "lr": lr,
                     "grad_norm": float(grad_norm), "samples_per_s": samples_per_s,
                     STRENGTH_COLUMN: step_loss.strength_value, **{key: float(value) for key, value in stats.items()},
                 })
                 bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
         bar.close()
         if status == "diverged":
-            folder.append_steps(step_rows)
-            trackers.log_steps(step_rows)
-            log.warning("%s: non-finite loss at step %d; the run stops as diverged", folder.path, diverged_step)
+            if ranks.main:
+                folder.append_steps(step_rows)
+                trackers.log_steps(step_rows)
+                log.warning("%s: non-finite loss at step %d; the run stops as diverged", folder.path, diverged_step)
             break
+        if not ranks.main:  # rank 0 evaluates, saves and decides whether to go on
+            if ranks.agree(False):
+                status = "stopped"
+                break
+            continue
 
         train_seconds = time.perf_counter() - epoch_started
         metrics, _ = evaluate_split(model, val_data, normalize, autocast)
@@ -256,10 +274,12 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
                        f"{select_key} {last_metrics[select_key]:.4f}  (best {best_value:.4f} @ {best_epoch})  "
                        f"{epoch_row['samples_per_s']:.0f} samples/s  {epoch_row['seconds']:.1f} s", file=sys.stderr)
         report = EpochReport(epoch + 1, config.epochs, epoch_metrics, weight_means, folder.path)
-        if any([bool(callback(report)) for callback in callbacks]):
+        if ranks.agree(any([bool(callback(report)) for callback in callbacks])):
             status = "stopped"
             break
 
+    if not ranks.main:
+        return None
     test_metrics = None
     if config.eval_test and status == "completed" and folder.best_checkpoint.exists():
         test_data = split_tensors(dataset, "test", loaded)
@@ -319,7 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging()
     config = config_from_args(args)
-    result = train(config)
+    with session_from_environment() as session:  # started by torchrun: ranks other than 0 serve rank 0
+        if session is not None and not session.ranks.main:
+            serve(session.ranks)
+            return 0
+        if session is not None and config.nproc == 1:
+            config = config.replace(nproc=session.ranks.world)
+        result = train(config)
     print(format_summary(result, config.select_metric))
     return 0 if result.status == "completed" else 1
 

@@ -146,3 +146,15 @@ def test_ctrl_c_cancels_the_jobs_or_with_detach_leaves_them_running(slurm_cluste
     assert wait_for(lambda: count_trials(load_study(tmp_path, name)).complete == 1, timeout=300)
     study = load_study(tmp_path, name)
     assert LOST_ATTR not in study.get_trials()[0].system_attrs and not was_retried(study, study.get_trials()[0])
+
+
+def test_a_data_parallel_trial_runs_as_one_job_of_two_tasks(slurm_cluster, tmp_path):
+    """--nproc 2: one job per trial with 2 tasks on the node; rank 0 (task 0) reports the trial."""
+    result = run(tmp_path, *args_for(tmp_path, "debias", 1, "--nproc", "2", "--pruner", "none"))
+    assert result.returncode == 0, result.stderr
+    (trial,) = load_study(tmp_path, "debias").get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["epochs_done"] == 2
+    job = trial.user_attrs["slurm_job_id"]
+    logs = sorted(p.name for p in (tmp_path / "studies" / "debias" / "slurm").rglob(f"{job}*_log.out"))
+    assert len(logs) == 2, logs  # one log per task: both ranks ran in the job
+    assert "nproc: 2" in (Path(trial.user_attrs["run_dir"]) / "config.yaml").read_text()

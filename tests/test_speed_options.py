@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from clipse.batches import TrainingBatches, augment_batch
+from clipse.distributed import Ranks
 from clipse.evaluation import ImageNormalizer
 from clipse.train import main as train_main
 from clipse.train import train
@@ -86,12 +87,18 @@ def test_augmentation_is_seeded_by_the_step(tiny):
     split = split_tensors(dataset_for(config), "train", loaded)
     normalize = ImageNormalizer(loaded.mean, loaded.std, torch.device("cpu"))
     batch = torch.arange(8).numpy()
-    plain = TrainingBatches(split, normalize)(batch, 3)[0]
+    plain = TrainingBatches(split, normalize)(batch, 3).images()
     crops = TrainingBatches(split, normalize, "crop_flip", seed=5)
-    assert torch.equal(crops(batch, 3)[0], TrainingBatches(split, normalize, "crop_flip", seed=5)(batch, 3)[0])
-    assert not torch.equal(crops(batch, 3)[0], crops(batch, 4)[0])
-    assert not torch.equal(crops(batch, 3)[0], plain) and crops(batch, 3)[0].shape == plain.shape
-    assert torch.equal(crops(batch, 3)[1], TrainingBatches(split, normalize)(batch, 3)[1])  # tokens untouched
+    whole = crops(batch, 3).images()
+    assert torch.equal(whole, TrainingBatches(split, normalize, "crop_flip", seed=5)(batch, 3).images())
+    assert not torch.equal(whole, crops(batch, 4).images())
+    assert not torch.equal(whole, plain) and whole.shape == plain.shape
+    assert torch.equal(crops(batch, 3).tokens, TrainingBatches(split, normalize)(batch, 3).tokens)  # untouched
+    # a micro-batch's chunk and a rank's share get the crops they get in the whole batch
+    assert torch.allclose(crops(batch, 3).images(slice(2, 5)), whole[2:5], atol=1e-6)
+    second_rank = crops(batch, 3, Ranks(rank=1, world=2))
+    assert torch.allclose(second_rank.images(), whole[4:], atol=1e-6)
+    assert torch.allclose(second_rank.images(slice(1, 3)), whole[5:7], atol=1e-6)
 
 
 def test_an_augmented_run_is_reproducible_and_differs(tiny):
@@ -113,6 +120,6 @@ def test_pinned_batches_on_cuda_equal_the_cpu_path(tiny):
                torch.arange(20, 28).numpy(), torch.arange(3, 11).numpy()]
     on_device = [on_gpu(batch, step) for step, batch in enumerate(batches)]  # buffers reused before any check
     torch.cuda.synchronize()
-    for step, (batch, (images, tokens)) in enumerate(zip(batches, on_device)):
-        expected_images, expected_tokens = on_cpu(batch, step)
-        assert torch.allclose(images.cpu(), expected_images) and torch.equal(tokens.cpu(), expected_tokens)
+    for step, (batch, got) in enumerate(zip(batches, on_device)):
+        expected = on_cpu(batch, step)
+        assert torch.allclose(got.images().cpu(), expected.images()) and torch.equal(got.tokens.cpu(), expected.tokens)

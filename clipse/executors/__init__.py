@@ -6,6 +6,7 @@ by importing them all (see ``clipse.executors.base`` for the interface).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from clipse.errors import UserError
 from clipse.executors.base import (BACKENDS, CANCELLED, DONE, FAILED, LOST, PENDING, RUNNING, Executor, Resources,
                                    Task, WorkerEnvironment, backend_names, register_backend, register_environment,
-                                   worker_environment)
+                                   task_resources, worker_environment)
 from clipse.fields import check_at_least, setting
 
 for _module in pkgutil.iter_modules(__path__):
@@ -32,6 +33,8 @@ class ExecutorOptions:
                                    shown_default="local if --workers > 1, else inline")
     workers: int = setting(1, "tasks running at once")
     max_retries: int = setting(2, "retries of a task whose worker died (a retry resumes from its checkpoint)")
+    trials_per_gpu: int = setting(1, "local workers: single-process tasks that share one GPU (small models); each "
+                                     "worker otherwise gets GPUs of its own")
     resources: Resources = setting(default_factory=Resources, nested=True)
     slurm: SlurmOptions = setting(default_factory=SlurmOptions, nested=True)
 
@@ -40,10 +43,24 @@ class ExecutorOptions:
         return self.executor or ("local" if self.workers > 1 else "inline")
 
 
+def for_training(options: ExecutorOptions, config) -> ExecutorOptions:
+    """``options`` with each task's resources sized for runs of ``config`` (a TrainConfig):
+    ``--nproc`` processes, and a GPU each when the run trains on CUDA."""
+    uses_gpus = config.device == "cuda" or (config.device == "auto" and _cuda_here())
+    return dataclasses.replace(options, resources=task_resources(options.resources, config.nproc, uses_gpus))
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def executor_from_options(options: ExecutorOptions, folder: Path, job_name: str = "clipse") -> Executor:
     """The executor the options name; ``folder`` holds its files (SLURM job folders)."""
     check_at_least(options, 1, "workers")
     check_at_least(options, 0, "max_retries")
+    check_at_least(options, 1, "trials_per_gpu")
     if options.backend not in BACKENDS:
         raise UserError(f"unknown executor '{options.backend}' (choose from {', '.join(backend_names())})")
     return BACKENDS[options.backend].from_options(options, folder, job_name)
@@ -51,4 +68,4 @@ def executor_from_options(options: ExecutorOptions, folder: Path, job_name: str 
 
 __all__ = ["BACKENDS", "CANCELLED", "DONE", "FAILED", "LOST", "PENDING", "RUNNING", "Executor", "ExecutorOptions",
            "Resources", "SlurmOptions", "Task", "WorkerEnvironment", "backend_names", "executor_from_options",
-           "register_backend", "register_environment", "worker_environment"]
+           "for_training", "register_backend", "register_environment", "task_resources", "worker_environment"]

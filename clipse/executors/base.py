@@ -9,6 +9,7 @@ decorated with ``@register_environment``). Nothing outside the backend's module 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 from abc import ABC, abstractmethod
@@ -34,7 +35,14 @@ class Resources:
         f"{name} {backend.default_cpus or 'an even share of the machine'}" for name, backend in BACKENDS.items()))
     gpus: int = setting(0, "GPUs per task", flag="--gpus-per-node")
     mem_gb: float = setting(8.0, "memory per task in GB (SLURM)")
-    processes: int = 1  # processes per task; a data-parallel trial asks for more
+    processes: int = 1  # processes per task; a data-parallel run asks for more (task_resources)
+
+
+def task_resources(resources: Resources, nproc: int, uses_gpus: bool) -> Resources:
+    """The resources of a task that trains a run over ``nproc`` processes: as many processes,
+    and on GPUs at least one GPU each."""
+    return dataclasses.replace(resources, processes=nproc,
+                               gpus=max(resources.gpus, nproc) if uses_gpus else resources.gpus)
 
 
 class Task:

@@ -1,6 +1,11 @@
 """The local backend: ``workers`` long-lived processes on this machine (spawned, so each
 imports torch once), each running one task at a time. A worker that dies marks its task lost
-and is replaced."""
+and is replaced.
+
+Tasks that use GPUs get disjoint ones: each worker sees its own through ``CUDA_VISIBLE_DEVICES``
+(a task's G GPUs, G = its ``--nproc`` on CUDA), or with ``--trials-per-gpu K`` K workers share
+one GPU. Asking for more GPUs than are visible is an error before anything starts.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,44 @@ import signal
 import time
 from multiprocessing.connection import wait as wait_for_ready
 
+from clipse.errors import UserError
 from clipse.executors.base import CANCELLED, DONE, FAILED, LOST, RUNNING, Executor, Task, register_backend
 
 log = logging.getLogger(__name__)
 
 
-def _local_worker(connection) -> None:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (else by index)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [name.strip() for name in listed.split(",") if name.strip() and name.strip() != "-1"]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def gpu_sets(visible: list[str], workers: int, gpus_per_task: int, trials_per_gpu: int = 1) -> list[str] | None:
+    """Each worker's ``CUDA_VISIBLE_DEVICES``: ``gpus_per_task`` GPUs of its own, or with
+    ``trials_per_gpu`` K, one GPU shared by K workers. None when the tasks use no GPU."""
+    if gpus_per_task == 0:
+        return None
+    if trials_per_gpu > 1 and gpus_per_task > 1:
+        raise UserError(f"--trials-per-gpu {trials_per_gpu} shares a GPU between single-process trials; a trial "
+                        f"here uses {gpus_per_task} GPUs (--nproc)")
+    groups = -(-workers // trials_per_gpu)  # workers sharing a GPU form one group
+    needed = groups * gpus_per_task
+    if needed > len(visible):
+        sharing = f" at {trials_per_gpu} trials per GPU" if trials_per_gpu > 1 else ""
+        raise UserError(f"--workers {workers} with {gpus_per_task} GPU(s) per trial{sharing} needs {needed} GPUs; "
+                        f"{len(visible)} visible ({','.join(visible) or 'none'})")
+    return [",".join(visible[(slot // trials_per_gpu) * gpus_per_task:(slot // trials_per_gpu + 1) * gpus_per_task])
+            for slot in range(workers)]
+
+
+def _local_worker(connection, gpus: str | None) -> None:
     """Loop: receive (fn, args, threads), run, send the outcome back. Ctrl-C ends the worker."""
+    if gpus is not None:  # before torch touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
     import torch
 
     from clipse.errors import configure_logging
@@ -48,16 +84,19 @@ def _local_worker(connection) -> None:
 class LocalExecutor(Executor):
     name = "local"
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, gpus: list[str] | None = None):
         self.capacity = 10**9  # tasks queue here and start as workers free up
         self._context = multiprocessing.get_context("spawn")
         self._size = workers
+        self._gpus = gpus  # each slot's CUDA_VISIBLE_DEVICES
         self._workers: dict[int, tuple] = {}     # slot -> (process, connection, task or None)
         self._queue: list[Task] = []
 
     @classmethod
     def from_options(cls, options, folder, job_name):
-        return cls(options.workers)
+        gpus = options.resources.gpus and gpu_sets(visible_gpus(), options.workers, options.resources.gpus,
+                                                   options.trials_per_gpu)
+        return cls(options.workers, gpus or None)
 
     def _threads(self, task: Task) -> int:
         """The task's CPUs, or an even share of this machine's."""
@@ -65,7 +104,7 @@ class LocalExecutor(Executor):
 
     def _spawn(self, slot: int) -> None:
         parent, child = self._context.Pipe()
-        process = self._context.Process(target=_local_worker, args=(child,), daemon=True,
+        process = self._context.Process(target=_local_worker, args=(child, self._gpus and self._gpus[slot]), daemon=True,
                                         name=f"clipse-worker-{slot}")
         process.start()
         child.close()

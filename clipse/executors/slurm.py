@@ -8,6 +8,7 @@ id, so it can take back the trial it was running.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable
 
+from clipse.distributed import serve, session_from_environment
 from clipse.errors import UserError
 from clipse.executors.base import (CANCELLED, DONE, FAILED, LOST, RUNNING, Executor, Resources, Task,
                                    WorkerEnvironment, register_backend, register_environment, running_in)
@@ -76,6 +78,17 @@ class SlurmEnvironment(WorkerEnvironment):
         return {k: v for k, v in attrs.items() if v is not None}
 
 
+def _job_ranks():
+    """A job of N tasks (a data-parallel trial): the session of its ranks, rank = task (the GPUs
+    stay visible to every task; each takes the one of its local rank)."""
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks <= 1:
+        return contextlib.nullcontext(None)
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return session_from_environment()
+
+
 class _Resubmittable:
     """The callable a SLURM job runs. On preemption or timeout (SIGUSR2) submitit calls
     ``checkpoint`` and requeues the job with the same arguments; the task then resumes (a
@@ -85,7 +98,10 @@ class _Resubmittable:
         self.fn = fn
 
     def __call__(self, *args):
-        with running_in(SlurmEnvironment()):
+        with running_in(SlurmEnvironment()), _job_ranks() as session:
+            if session is not None and not session.ranks.main:  # a data-parallel run's other ranks
+                serve(session.ranks)
+                return None
             return self.fn(*args)
 
     def checkpoint(self, *args):
@@ -174,7 +190,7 @@ class SlurmExecutor(Executor):
             return False
         state = job.watcher.get_state(job.job_id, mode="cache").split(" ")[0].upper()
         try:
-            task.result, task.state = job.result(), DONE
+            task.result, task.state = job.results()[0], DONE  # a job of several tasks: rank 0's
         except Exception as exc:  # the job raised (its traceback is in the message) or left no result
             text = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             raised = next((line for line in reversed(text) if EXCEPTION_LINE.match(line)), None)
