@@ -46,7 +46,7 @@ from clipse.tables import markdown_table
 from clipse.workload import Workload, run_workload
 
 # Training settings a search may fix for all its trials (the space chooses the rest).
-TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "nproc", "micro_batch")
+TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "precision", "nproc", "micro_batch")
 # Settings stored with a study that a resumed search may only repeat, not change.
 STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed")
 MAX_TASK_ERRORS = 3
