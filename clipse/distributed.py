@@ -75,7 +75,8 @@ class Ranks:
         """The device of this rank: ``cuda`` means this rank's GPU among those visible."""
         if device.type != "cuda" or self.world == 1:
             return device
-        index = self.local_rank % max(1, torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        index = self.local_rank if count > self.local_rank else 0  # all GPUs visible, or one per process
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
 
@@ -234,9 +235,9 @@ def session_from_environment() -> Iterator[Session | None]:
 
 
 @contextlib.contextmanager
-def run_ranks(nproc: int) -> Iterator[Ranks]:
+def run_ranks(nproc: int, cuda_wanted: bool = False) -> Iterator[Ranks]:
     """Rank 0's ranks for one run of ``nproc`` processes: the open session's, or helpers started
-    now for this run alone."""
+    now for this run alone (with ``cuda_wanted``, one GPU each)."""
     if nproc == 1:
         yield SINGLE_PROCESS
         return
@@ -245,13 +246,19 @@ def run_ranks(nproc: int) -> Iterator[Ranks]:
             raise UserError(f"--nproc {nproc}: this job runs {_session.ranks.world} processes")
         try:
             yield _session.ranks
-        except BaseException:
+        except BaseException as exc:
             _session.break_off()
+            if isinstance(exc, dist.DistError):
+                raise RankLost(f"a process of this {nproc}-process run failed: {str(exc).splitlines()[0]}; the "
+                               "last epoch checkpoint is kept (--resume continues)") from exc
             raise
         return
-    per_rank = max(1, torch.get_num_threads() // nproc)  # the CPUs this process had, shared
+    if torch.cuda.is_available() and 0 < torch.cuda.device_count() < nproc and cuda_wanted:
+        raise UserError(f"--nproc {nproc} on CUDA needs {nproc} GPUs; {torch.cuda.device_count()} visible")
+    threads = torch.get_num_threads()
+    per_rank = max(1, threads // nproc)  # the CPUs this process had, shared for this run
     torch.set_num_threads(per_rank)
-    with tempfile.TemporaryDirectory(prefix="clipse-ranks-") as rendezvous:
+    with tempfile.TemporaryDirectory(prefix="clipse-ranks-") as rendezvous, _restoring_threads(threads):
         init_method = f"file://{Path(rendezvous) / 'store'}"
         helpers = [_start_helper(rank, nproc, init_method, per_rank) for rank in range(1, nproc)]
         session = Session(Ranks(0, nproc, 0), helpers)
@@ -268,6 +275,15 @@ def run_ranks(nproc: int) -> Iterator[Ranks]:
                            f"during the run; its last epoch checkpoint is kept (--resume continues)") from exc
         finally:
             session.close(failed)
+
+
+@contextlib.contextmanager
+def _restoring_threads(threads: int) -> Iterator[None]:
+    """A process that trains several runs (an inline search) gets its threads back after each."""
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _dead_helper(helpers: list[subprocess.Popen], wait_s: float = 5.0) -> subprocess.Popen | None:

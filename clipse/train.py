@@ -36,7 +36,7 @@ from clipse.losses import MAX_LOGIT_SCALE, STRENGTH_COLUMN, clamp_scale
 from clipse.metrics import METRIC_KEYS
 from clipse.models import list_models
 from clipse.run_folder import RunFolder, TrainResult, default_run_dir
-from clipse.samplers import TopicalBatchSampler, random_batches
+from clipse.samplers import TopicalBatchSampler, fold_short_tail, random_batches
 from clipse.trackers import TrackerGroup, open_trackers
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         return finished
     trackers = open_trackers(config, folder)
     try:
-        with run_ranks(config.nproc) as ranks:
+        with run_ranks(config.nproc, resolve_device(config.device).type == "cuda") as ranks:
             ranks.broadcast(config.replace(run_dir=str(folder.path)).to_mapping())  # the other ranks start
             result = train_in_folder(config, list(callbacks), folder, trackers, started, ranks)
     except BaseException as error:
@@ -125,8 +125,8 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
                     started: float, ranks: Ranks) -> TrainResult | None:
     """``train`` in a run folder it started: every row goes to the folder, then to ``trackers``
     (on rank 0; the other ranks of a data-parallel run only train)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    if config.threads:  # the run's threads, shared by its processes
+        torch.set_num_threads(max(1, config.threads // ranks.world))
     device = ranks.device(resolve_device(config.device))
     autocast = autocast_for(device, config.precision)
     torch.manual_seed(config.seed)
@@ -143,12 +143,16 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     if n_pairs < 2:
         raise UserError(f"{dataset.name}: the training split has {n_pairs} pair(s); contrastive training needs 2")
 
+    if n_pairs < ranks.world:
+        raise UserError(f"{dataset.name}: the training split has {n_pairs} pairs, fewer than the {ranks.world} "
+                        "processes (--nproc)")
     if config.topical_batching:
         sampler = TopicalBatchSampler.from_captions(train_data.captions, config.batch_size, config.seed,
                                                     config.topical_clusters or None)
-        batches_for = sampler.batches
+        drawn = sampler.batches
     else:
-        batches_for = lambda epoch: random_batches(n_pairs, config.batch_size, config.seed, epoch)  # noqa: E731
+        drawn = lambda epoch: random_batches(n_pairs, config.batch_size, config.seed, epoch)  # noqa: E731
+    batches_for = lambda epoch: fold_short_tail(drawn(epoch), ranks.world)  # noqa: E731  (a pair per process)
     steps_per_epoch = len(batches_for(0))
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)

@@ -221,3 +221,14 @@ def test_search_asking_for_more_gpus_than_exist_is_one_line(tmp_path):
     assert result.stderr.strip() == ("error: --workers 2 with 2 GPU(s) per trial needs 4 GPUs; 2 visible (0,1)")
     journal = tmp_path / "studies" / "debias" / "journal.log"
     assert not journal.exists() or not study_names(open_storage(str(journal)))  # no study was created
+
+
+def test_every_process_gets_pairs_of_every_batch():
+    """A last batch shorter than the process count is folded into the one before it."""
+    from clipse.distributed import Ranks
+    from clipse.samplers import fold_short_tail, random_batches
+
+    batches = fold_short_tail(random_batches(66, 32, 0, 0), 3)  # 32, 32, 2 -> 32, 34
+    assert [len(b) for b in batches] == [32, 34]
+    assert fold_short_tail(random_batches(67, 32, 0, 0), 3)[-1].shape == (3,)  # 3 pairs: one each
+    assert all(Ranks(r, 3).shares(34)[r] > 0 for r in range(3))

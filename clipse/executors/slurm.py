@@ -190,7 +190,7 @@ class SlurmExecutor(Executor):
             return False
         state = job.watcher.get_state(job.job_id, mode="cache").split(" ")[0].upper()
         try:
-            task.result, task.state = job.results()[0], DONE  # a job of several tasks: rank 0's
+            task.result, task.state = (job.task(0) if job.num_tasks > 1 else job).result(), DONE  # rank 0's
         except Exception as exc:  # the job raised (its traceback is in the message) or left no result
             text = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             raised = next((line for line in reversed(text) if EXCEPTION_LINE.match(line)), None)

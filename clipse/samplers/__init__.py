@@ -12,8 +12,13 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 
 def chunk(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
+    return fold_short_tail([indices[i:i + batch_size] for i in range(0, len(indices), batch_size)])
+
+
+def fold_short_tail(batches: list[np.ndarray], shortest: int = 2) -> list[np.ndarray]:
+    """Fold a last batch of fewer than ``shortest`` pairs into the one before it (a data-parallel
+    run needs a pair for each of its processes)."""
+    if len(batches) > 1 and len(batches[-1]) < shortest:
         batches[-2:] = [np.concatenate(batches[-2:])]
     return batches
 
