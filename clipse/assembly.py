@@ -14,11 +14,16 @@ from clipse.errors import UserError
 from clipse.models import LoadedModel, create_model
 
 
+def wants_cuda(name: str) -> bool:
+    """Whether ``--device name`` trains on CUDA here (``auto``: where a GPU is available)."""
+    return name == "cuda" or (name == "auto" and torch.cuda.is_available())
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    if name == "auto":
+        return torch.device("cuda" if wants_cuda(name) else "cpu")
     return torch.device(name)
 
 

@@ -253,7 +253,7 @@ def run_ranks(nproc: int, cuda_wanted: bool = False) -> Iterator[Ranks]:
                                "last epoch checkpoint is kept (--resume continues)") from exc
             raise
         return
-    if torch.cuda.is_available() and 0 < torch.cuda.device_count() < nproc and cuda_wanted:
+    if cuda_wanted and torch.cuda.device_count() < nproc:
         raise UserError(f"--nproc {nproc} on CUDA needs {nproc} GPUs; {torch.cuda.device_count()} visible")
     threads = torch.get_num_threads()
     per_rank = max(1, threads // nproc)  # the CPUs this process had, shared for this run

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from clipse import registry
 from clipse.assembly import (autocast_dtype, autocast_for, dataset_for, model_for, prepare_model, resolve_device,
-                             split_tensors)
+                             split_tensors, wants_cuda)
 from clipse.batches import TrainingBatches
 from clipse.config import TrainConfig, add_config_arguments, config_overrides, load_config_file
 from clipse.distributed import Ranks, run_ranks, serve, session_from_environment
@@ -105,7 +105,7 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         return finished
     trackers = open_trackers(config, folder)
     try:
-        with run_ranks(config.nproc, resolve_device(config.device).type == "cuda") as ranks:
+        with run_ranks(config.nproc, wants_cuda(config.device)) as ranks:
             ranks.broadcast(config.replace(run_dir=str(folder.path)).to_mapping())  # the other ranks start
             result = train_in_folder(config, list(callbacks), folder, trackers, started, ranks)
     except BaseException as error:
@@ -136,19 +136,16 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     ranks.broadcast_state(model)
     model = prepare_model(model, config)
     train_data = split_tensors(dataset, "train", loaded)
-    val_data = split_tensors(dataset, "val", loaded)
+    val_data = split_tensors(dataset, "val", loaded) if ranks.main else None  # rank 0 evaluates
     normalize = ImageNormalizer(loaded.mean, loaded.std, device)
     training_batches = TrainingBatches(train_data, normalize, config.augment, config.seed)
     n_pairs = len(train_data.tokens)
-    if n_pairs < 2:
-        raise UserError(f"{dataset.name}: the training split has {n_pairs} pair(s); contrastive training needs 2")
-
-    if n_pairs < ranks.world:
-        raise UserError(f"{dataset.name}: the training split has {n_pairs} pairs, fewer than the {ranks.world} "
-                        "processes (--nproc)")
-    if config.topical_batching:
-        sampler = TopicalBatchSampler.from_captions(train_data.captions, config.batch_size, config.seed,
-                                                    config.topical_clusters or None)
+    if n_pairs < max(2, ranks.world):
+        raise UserError(f"{dataset.name}: the training split has {n_pairs} pair(s); contrastive training needs 2, "
+                        "and one per process (--nproc)")
+    if config.topical_batching:  # clustered once, by rank 0: every rank draws the same batches
+        sampler = ranks.broadcast(TopicalBatchSampler.from_captions(
+            train_data.captions, config.batch_size, config.seed, config.topical_clusters or None) if ranks.main else None)
         drawn = sampler.batches
     else:
         drawn = lambda epoch: random_batches(n_pairs, config.batch_size, config.seed, epoch)  # noqa: E731

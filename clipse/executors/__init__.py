@@ -46,14 +46,10 @@ class ExecutorOptions:
 def for_training(options: ExecutorOptions, config) -> ExecutorOptions:
     """``options`` with each task's resources sized for runs of ``config`` (a TrainConfig):
     ``--nproc`` processes, and a GPU each when the run trains on CUDA."""
-    uses_gpus = config.device == "cuda" or (config.device == "auto" and _cuda_here())
-    return dataclasses.replace(options, resources=task_resources(options.resources, config.nproc, uses_gpus))
+    from clipse.assembly import wants_cuda
 
-
-def _cuda_here() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return dataclasses.replace(options, resources=task_resources(options.resources, config.nproc,
+                                                                 wants_cuda(config.device)))
 
 
 def executor_from_options(options: ExecutorOptions, folder: Path, job_name: str = "clipse") -> Executor:
