@@ -268,7 +268,7 @@ def run_ranks(nproc: int, cuda_wanted: bool = False) -> Iterator[Ranks]:
             yield session.ranks
             failed = False
         except Exception as exc:
-            lost = _dead_helper(helpers)
+            lost = None if isinstance(exc, UserError) else _dead_helper(helpers)  # rank 0's own error says it all
             if lost is None:
                 raise
             raise RankLost(f"rank {helpers.index(lost) + 1} of {nproc} died ({_exit_reason(lost.returncode)}) "
@@ -339,8 +339,8 @@ def helper_main() -> int:
     Session.join(ranks, os.environ[INIT_METHOD_ENV])
     try:
         serve(ranks)
-    except Exception as exc:  # rank 0 is gone or failed: it reports the run's fate
-        log.warning("rank %d of %d stops: %s", ranks.rank, ranks.world, str(exc).splitlines()[0] if str(exc) else
+    except Exception as exc:  # rank 0 met it too, or is gone: rank 0 reports the run's fate, in one line
+        log.debug("rank %d of %d stops: %s", ranks.rank, ranks.world, str(exc).splitlines()[0] if str(exc) else
                     type(exc).__name__)
         return 1
     finally:

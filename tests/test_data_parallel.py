@@ -232,3 +232,12 @@ def test_every_process_gets_pairs_of_every_batch():
     assert [len(b) for b in batches] == [32, 34]
     assert fold_short_tail(random_batches(67, 32, 0, 0), 3)[-1].shape == (3,)  # 3 pairs: one each
     assert all(Ranks(r, 3).shares(34)[r] > 0 for r in range(3))
+
+
+def test_a_user_error_of_a_two_process_run_is_its_own_line(tmp_path):
+    """Every rank meets the bad path; the line says what is wrong, not that a rank died."""
+    result = subprocess.run([sys.executable, "-m", "clipse.train", "--nproc", "2", "--data", "karpathy",
+                             "--data-root", str(tmp_path / "missing.json"), "--registry", str(tmp_path / "r.csv"),
+                             "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.json'}: data path not found"]
