@@ -10,7 +10,9 @@ import torch
 
 from clipse.errors import UserError
 from clipse.metrics import METRIC_KEYS, RetrievalRanks, metrics_from_ranks, resampled_metrics, retrieval_ranks
-from clipse.report.statistics import paired_bootstrap, summarise, summary_verdicts, verdict
+from clipse.report.statistics import (detection_multiplier, image_variance, paired_bootstrap, power_figures,
+                                      summarise, summary_verdicts, verdict)
+from clipse.report.summary import summary_markdown
 from clipse.run_folder import RunFolder
 
 # Simulated retrieval: image i is found with probability sigmoid(difficulty_i + effect + seed
@@ -219,3 +221,90 @@ def test_a_baseline_label_that_no_run_has_and_zero_resamples_are_refused(tmp_pat
         summarise(runs, "infonse")
     with pytest.raises(UserError, match="resamples must be at least 1, got 0"):
         summarise(runs, "infonce", resamples=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# power
+
+
+def closed_form_power(effect: float, se: float) -> float:
+    """Power of the two-sided z-test at alpha 0.05 to detect ``effect`` with standard error ``se``."""
+    z = 1.959963984540054
+    return float(norm_cdf(effect / se - z) + norm_cdf(-effect / se - z))
+
+
+def norm_cdf(x):
+    from math import erf, sqrt
+    return 0.5 * (1 + erf(x / sqrt(2)))
+
+
+def test_the_detection_multiplier_is_z_975_plus_z_80():
+    assert detection_multiplier() == pytest.approx(1.959963984540054 + 0.8416212335729143, abs=1e-9)
+
+
+def test_the_minimum_detectable_difference_is_detected_80_percent_of_the_time_on_normal_data():
+    """Synthetic normal data with known variances: per-seed differences N(delta, seed_var) plus a
+    test-set error N(0, image_var) shared by all seeds. At delta = MDE the z-test rejects about 80%."""
+    seed_var, image_var, seeds = 0.02 ** 2, 0.004 ** 2, 3
+    figures = power_figures(seed_var, image_var, seeds, images=500)
+    assert figures.se == pytest.approx(np.sqrt(seed_var / seeds + image_var))
+    rng = np.random.default_rng(21)
+    trials = 40_000
+    means = (rng.normal(figures.mde, np.sqrt(seed_var), (trials, seeds)).mean(axis=1)
+             + rng.normal(0, np.sqrt(image_var), trials))
+    rejected = np.mean(np.abs(means / figures.se) > 1.959963984540054)
+    assert rejected == pytest.approx(0.80, abs=0.01)
+    assert closed_form_power(figures.mde, figures.se) == pytest.approx(0.80, abs=1e-3)
+
+
+def test_seeds_and_images_needed_are_the_smallest_that_reach_80_percent_power():
+    seed_var, image_var, seeds, images = 0.03 ** 2, 0.002 ** 2, 3, 400
+    figures = power_figures(seed_var, image_var, seeds, images)
+    assert not figures.powered and figures.mde > 0.01
+    n = figures.seeds_needed
+    assert closed_form_power(0.01, np.sqrt(seed_var / n + image_var)) >= 0.80
+    assert closed_form_power(0.01, np.sqrt(seed_var / (n - 1) + image_var)) < 0.80
+    # more images, these seeds: the image variance scales as 1 / images
+    roomy = power_figures(0.004 ** 2, 0.004 ** 2, 4, images)
+    m = roomy.images_needed
+    assert closed_form_power(0.01, np.sqrt(0.004 ** 2 / 4 + 0.004 ** 2 * images / m)) >= 0.80
+    assert closed_form_power(0.01, np.sqrt(0.004 ** 2 / 4 + 0.004 ** 2 * images / (m - 1))) < 0.80
+    assert roomy.seeds_needed is None  # this test set alone is too noisy for one point, whatever the seeds
+
+
+def test_a_one_point_effect_out_of_reach_of_seeds_or_images_alone_says_so():
+    noisy_test_set = power_figures(seed_var=1e-6, image_var=0.01 ** 2, seeds=3, images=100)
+    assert noisy_test_set.seeds_needed is None and noisy_test_set.images_needed is not None
+    noisy_seeds = power_figures(seed_var=0.05 ** 2, image_var=1e-8, seeds=2, images=100)
+    assert noisy_seeds.images_needed is None and noisy_seeds.seeds_needed > 2
+    assert power_figures(1e-8, 1e-8, 3, 100).powered
+
+
+def test_the_image_variance_is_that_of_a_mean_over_resampled_images():
+    """One seed per side: resampling images gives var(hit difference) / images."""
+    rng = np.random.default_rng(22)
+    config, baseline = simulate(400, 1, rng)
+    hits = (config[0].t2i_rank == 1).astype(float) - (baseline[0].t2i_rank == 1).astype(float)
+    got = image_variance(config, baseline, resamples=3000)["t2i_r1"]
+    assert got == pytest.approx(np.var(hits) / 400, rel=0.1)
+
+
+def test_the_report_gives_power_and_says_when_a_null_result_was_underpowered(tmp_path):
+    rng = np.random.default_rng(23)
+    base = [as_ranks(rng.random(60) < 0.5) for _ in range(3)]
+    same = [as_ranks(rng.random(60) < 0.5) for _ in range(3)]
+    runs = write_runs(tmp_path, {"same": same, "baseline": base})
+    summary = summarise(runs, "baseline", resamples=300)
+    row = summary[summary["label"] == "same"].set_index("metric").loc["r1_mean"]
+    differences = (runs.loc[runs["label"] == "same", "test_r1_mean"].to_numpy()
+                   - runs.loc[runs["label"] == "baseline", "test_r1_mean"].to_numpy())
+    images_var = image_variance(same, base, resamples=300)["r1_mean"]
+    expected = power_figures(np.var(differences, ddof=1), images_var, 3, 60)
+    assert row["mde"] == pytest.approx(expected.mde) and row["se"] == pytest.approx(expected.se)
+    assert row["mde"] > 0.01  # 60 test images cannot see one point
+    text = summary_markdown(summary, runs.assign(train_weight_std=0.0), "baseline", "intro")
+    assert "MDE r1_mean" in text
+    assert "`same`: the R@1 mean interval contains zero, and this comparison was not powered" in text
+    one_seed = summarise(write_runs(tmp_path / "one", {"same": same[:1], "baseline": base[:1]}), "baseline",
+                         resamples=50)
+    assert np.isnan(one_seed.set_index(["label", "metric"]).loc[("same", "r1_mean"), "mde"])

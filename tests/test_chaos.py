@@ -12,6 +12,7 @@ from conftest import PROJECT
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_the_default_chaos_schedule_loses_nothing():
     done = subprocess.run([sys.executable, str(PROJECT / "benchmarks" / "chaos.py")], capture_output=True, text=True,
                           timeout=900)

@@ -22,7 +22,8 @@ import seaborn as sns  # noqa: E402
 
 from clipse.config import TEST_SET_KEYS  # noqa: E402
 from clipse.errors import UserError, cli_main  # noqa: E402
-from clipse.report.statistics import CONFIDENCE, summarise, verdict  # noqa: E402
+from clipse.report.statistics import (ALPHA, CONFIDENCE, EFFECT_OF_INTEREST, POWER, summarise,  # noqa: E402
+                                      verdict)
 from clipse.run_folder import RunFolder  # noqa: E402
 from clipse.tables import markdown_table  # noqa: E402
 
@@ -94,7 +95,42 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: 
             row["R@1 mean verdict"] = verdict(by.loc["r1_mean"], "r1_mean")
             diff_rows.append(row)
         lines.append(markdown_table(diff_rows, ["configuration", *HEADLINE, "R@1 mean verdict"]))
+        lines += power_markdown(summary, baseline_label)
     return "\n".join(lines) + "\n"
+
+
+def power_markdown(summary: pd.DataFrame, baseline_label: str) -> list[str]:
+    """The power section: minimum detectable differences, and what a one-point effect needs."""
+    shown = [key for key in HEADLINE if not key.endswith("_mr")]
+    lines = ["", f"Power: the smallest difference each comparison detects with {int(POWER * 100)}% power at "
+             f"two-sided alpha {ALPHA} (MDE, in points), from the observed spread of the paired per-seed "
+             "differences and the test images' bootstrap variance; then what detecting a 1-point difference "
+             "in R@1 mean would take (seeds on this test set, or test images with these seeds).", ""]
+    rows, notes = [], []
+    for label, group in summary[summary["label"] != baseline_label].groupby("label", sort=False):
+        by = group.set_index("metric")
+        r1 = by.loc["r1_mean"]
+        if not np.isfinite(r1.get("mde", np.nan)):
+            notes.append(f"`{label}`: one seed, so the seed-to-seed spread is unknown and no power is given; "
+                         "train at least 2 seeds (--seeds).")
+            continue
+        row = {"configuration": label, **{f"MDE {key}": f"{100 * by.loc[key, 'mde']:.2f}" for key in shown}}
+        row["seeds for 1 pt"] = _needed(r1["seeds_for_1pt"], "more test images needed")
+        row["test images for 1 pt"] = _needed(r1["images_for_1pt"], "more seeds needed")
+        rows.append(row)
+        if verdict(r1, "r1_mean") == "no clear difference":
+            powered = r1["mde"] <= EFFECT_OF_INTEREST
+            notes.append(f"`{label}`: the R@1 mean interval contains zero, and this comparison "
+                         f"{'was' if powered else 'was not'} powered to see a 1-point effect "
+                         f"(MDE {100 * r1['mde']:.2f} points)" + ("." if powered else
+                         ": no clear difference here does not mean no effect."))
+    if rows:
+        lines.append(markdown_table(rows, list(rows[0])))
+    return lines + [f"\n{note}" for note in notes]
+
+
+def _needed(value: float, otherwise: str) -> str:
+    return f"{int(value)}" if np.isfinite(value) else f"not reachable ({otherwise})"
 
 
 def plot_test_metrics(runs: pd.DataFrame, out: Path, metrics: tuple[str, ...] = ("r1_mean", "i2t_r1", "t2i_r1", "rsum")) -> Path:
