@@ -62,7 +62,7 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modul
 
 def dataset_for(config: TrainConfig) -> CaptionDataset:
     shapes = ShapesSpec(config.shapes_train_images, config.shapes_val_images, config.shapes_test_images,
-                        config.data_seed)
+                        config.data_seed, config.shapes_fn_level)
     return load_caption_dataset(config.data, config.data_root, config.image_root, shapes=shapes,
                                 split_seed=config.data_seed, val_fraction=config.val_fraction,
                                 test_fraction=config.test_fraction)
@@ -75,4 +75,4 @@ def model_for(config: TrainConfig) -> LoadedModel:
 
 def split_tensors(dataset: CaptionDataset, split: str, loaded: LoadedModel) -> SplitTensors:
     return load_split_tensors(dataset.split(split), split, loaded.image_size, loaded.tokenizer,
-                              loaded.tokenizer_id)
+                              loaded.tokenizer_id, dataset.truth(split))

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from clipse.data.readers import DATA_KINDS
+from clipse.data.synthetic import SHAPES_FN_LEVELS
 from clipse.errors import UserError
 from clipse.fields import add_argument, choices_of, default_of, is_optional, key_of, keys_in_group, kind_of, setting
 from clipse.losses import LOSSES, ContrastiveLoss, loss_defaults, loss_names, loss_parameters
@@ -40,6 +41,9 @@ class TrainConfig:
     shapes_train_images: int = setting(1200, "synthetic dataset: training images (5 captions each)", group="data")
     shapes_val_images: int = setting(100, "synthetic dataset: validation images", group="data")
     shapes_test_images: int = setting(100, "synthetic dataset: test images", group="data")
+    shapes_fn_level: str = setting("default", "synthetic dataset: how often an in-batch negative truly matches its "
+                                   "caption (the mix of caption levels; docs/data.md)", choices=SHAPES_FN_LEVELS,
+                                   group="data")
     data_seed: int = setting(0, "seed of the synthetic dataset and of automatic splits", group="data")
     val_fraction: float = setting(0.1, "automatic split: share of images for validation", group="data")
     test_fraction: float = setting(0.1, "automatic split: share of images for test", group="data")

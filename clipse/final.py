@@ -129,7 +129,10 @@ def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     the mean of the objectives), or the whole front when it is smaller."""
     ranked = ranked_trials(study)
     if not ranked:
-        raise UserError(f"study '{study.study_name}' has no completed trial yet")
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        raise UserError(f"study '{study.study_name}' has no completed trial yet" if not complete else
+                        f"study '{study.study_name}': none of its {len(complete)} completed trials is feasible (their "
+                        "SANW weights spread less than the study's min weight std)")
     return ranked[:k]
 
 

@@ -26,11 +26,12 @@ def encode_pair(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tens
 
 def contrastive_backward(model: torch.nn.Module, batch: StepBatch, loss: ContrastiveLoss, *, ranks: Ranks,
                          micro_batch: int, autocast: Callable, with_stats: bool,
-                         scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
-                         ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+                         scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                         false_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Gradients of the global-batch loss accumulated into this rank's parameters (to be averaged
     over the ranks); returns the loss, its statistics and the logit multiplier, detached.
-    ``scale_loss`` is the gradient scaler's (float16 training)."""
+    ``scale_loss`` is the gradient scaler's (float16 training); ``false_negatives`` the global
+    batch's true false negatives, where known (``ContrastiveLoss.compute``)."""
     sizes = ranks.shares(batch.global_size)
     tokens = batch.tokens
     if micro_batch <= 0 or micro_batch >= len(batch):
@@ -38,7 +39,7 @@ def contrastive_backward(model: torch.nn.Module, batch: StepBatch, loss: Contras
             image_emb, text_emb = encode_pair(model, batch.images(), tokens)
             scale = model.logit_scale.exp()
             value, stats = loss.compute(ranks.gather(image_emb.float(), sizes), ranks.gather(text_emb.float(), sizes),
-                                        scale.float(), with_stats=with_stats)
+                                        scale.float(), with_stats=with_stats, false_negatives=false_negatives)
         scale_loss(value).backward()
         return value.detach(), stats, scale.detach()
 
@@ -49,7 +50,8 @@ def contrastive_backward(model: torch.nn.Module, batch: StepBatch, loss: Contras
     text_all = ranks.gather_detached(torch.cat([t for _, t in encoded]).float(), sizes).requires_grad_()
     with autocast():
         scale = model.logit_scale.exp()
-        value, stats = loss.compute(image_all, text_all, scale.float(), with_stats=with_stats)
+        value, stats = loss.compute(image_all, text_all, scale.float(), with_stats=with_stats,
+                                    false_negatives=false_negatives)
     scale_loss(value).backward()  # the embeddings' gradients, and logit_scale's
     # This rank's rows; times the world size, as the gathered path sends back the sum over ranks.
     mine = ranks.my_rows(batch.global_size)

@@ -3,6 +3,10 @@
 Every image and every caption is encoded once; ``S = text_emb @ image_emb.T``. Ranks are
 1-based: 1 + the number of candidates scored strictly higher. Text->image has one relevant
 image per caption; image->text has all of the image's captions relevant.
+
+Where the data knows which captions truly describe which images (``relevant``, generated
+data), the multi-positive recalls ``mp_*`` count a hit for any truly relevant candidate: an
+image's best-ranked caption that describes it, a caption's best-ranked image it describes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ METRIC_KEYS = (
     "t2i_r1", "t2i_r5", "t2i_r10", "t2i_mr", "t2i_map10",
     "r1_mean", "rsum",
 )
+MP_METRIC_KEYS = tuple(f"mp_{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_KS)
 # Rows of the score matrix compared at once: keeps the temporaries in cache.
 _ROW_BLOCK = 256
 
@@ -31,10 +36,16 @@ class RetrievalRanks:
     i2t_best_rank: np.ndarray     # (N,) rank of each image's best-ranked caption
     i2t_ap10: np.ndarray          # (N,) AP@10 of each image over its captions
     caption_image: np.ndarray     # (C,) row of each caption's image
+    # with ground truth only: rank of each image's best truly describing caption, of each
+    # caption's best truly described image
+    mp_i2t_rank: np.ndarray | None = None  # (N,)
+    mp_t2i_rank: np.ndarray | None = None  # (C,)
 
 
-def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image_index) -> RetrievalRanks:
-    """Rank every query of both directions, vectorised (no Python loop over queries)."""
+def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image_index,
+                    relevant: torch.Tensor | None = None) -> RetrievalRanks:
+    """Rank every query of both directions, vectorised (no Python loop over queries).
+    ``relevant`` (C, N) bool, where known: caption c truly describes image n."""
     images = image_emb.detach().float().cpu()
     texts = text_emb.detach().float().cpu()
     owner = torch.as_tensor(np.asarray(caption_image_index), dtype=torch.long)
@@ -63,15 +74,35 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_ima
     # caption list (positions, not tie-aware ranks, so that AP stays <= 1 when scores tie).
     depth = min(MAP_DEPTH, n_captions)
     top_captions = torch.topk(scores, depth, dim=1).indices
-    relevant = (owner[top_captions] == torch.arange(n_images)[:, None]).double()
+    own_caption = (owner[top_captions] == torch.arange(n_images)[:, None]).double()
     position = torch.arange(1, depth + 1, dtype=torch.float64)
-    ap10 = (relevant * relevant.cumsum(dim=1) / position).sum(dim=1) / captions_per_image.clamp(max=MAP_DEPTH).double()
+    ap10 = (own_caption * own_caption.cumsum(dim=1) / position).sum(dim=1) / captions_per_image.clamp(max=MAP_DEPTH).double()
+    mp_ranks = {} if relevant is None else multi_positive_ranks(scores, relevant, owner)
     return RetrievalRanks(
         t2i_rank=(t2i_higher.long() + 1).numpy(),
         i2t_best_rank=(i2t_higher.long() + 1).numpy(),
         i2t_ap10=ap10.numpy(),
         caption_image=owner.numpy(),
+        **mp_ranks,
     )
+
+
+def multi_positive_ranks(scores: torch.Tensor, relevant: torch.Tensor, owner: torch.Tensor) -> dict[str, np.ndarray]:
+    """Ranks of the best truly relevant candidate in both directions, from the (N, C) scores."""
+    relevant = torch.as_tensor(relevant, dtype=torch.bool).T   # (N, C)
+    if relevant.shape != scores.shape:
+        raise ValueError(f"relevant has shape {tuple(relevant.T.shape)}, expected {tuple(scores.T.shape)}")
+    if not relevant[owner, torch.arange(len(owner))].all():
+        raise ValueError("relevant must hold every caption's own image")
+    masked = scores.masked_fill(~relevant, float("-inf"))
+    best_caption, best_image = masked.amax(dim=1), masked.amax(dim=0)   # (N,), (C,)
+    i2t_higher = torch.empty(scores.shape[0])
+    t2i_higher = torch.zeros(scores.shape[1])
+    for start in range(0, scores.shape[0], _ROW_BLOCK):
+        rows = scores[start:start + _ROW_BLOCK]
+        i2t_higher[start:start + _ROW_BLOCK] = (rows > best_caption[start:start + _ROW_BLOCK, None]).to(torch.float32).sum(1)
+        t2i_higher += (rows > best_image).to(torch.float32).sum(dim=0)
+    return {"mp_i2t_rank": (i2t_higher.long() + 1).numpy(), "mp_t2i_rank": (t2i_higher.long() + 1).numpy()}
 
 
 def metrics_from_ranks(ranks: RetrievalRanks, image_counts: np.ndarray | None = None) -> dict[str, float]:
@@ -93,7 +124,16 @@ def metrics_from_ranks(ranks: RetrievalRanks, image_counts: np.ndarray | None = 
     }
     metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
     metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
-    return {key: metrics[key] for key in METRIC_KEYS}
+    if ranks.mp_i2t_rank is not None:
+        for k in RECALL_KS:
+            metrics[f"mp_i2t_r{k}"] = float(np.average(ranks.mp_i2t_rank <= k, weights=counts))
+            metrics[f"mp_t2i_r{k}"] = float(np.average(ranks.mp_t2i_rank <= k, weights=caption_counts))
+    return {key: metrics[key] for key in metric_keys(ranks)}
+
+
+def metric_keys(ranks: RetrievalRanks) -> tuple[str, ...]:
+    """The standard metrics, and the multi-positive ones where the ranks have them."""
+    return METRIC_KEYS + (MP_METRIC_KEYS if ranks.mp_i2t_rank is not None else ())
 
 
 MEDIAN_KEYS = ("i2t_mr", "t2i_mr")
@@ -120,7 +160,11 @@ def resampled_metrics(ranks: RetrievalRanks, image_counts: np.ndarray) -> dict[s
     out["t2i_map10"] = over_captions(np.where(ranks.t2i_rank <= MAP_DEPTH, 1.0 / ranks.t2i_rank, 0.0))
     out["r1_mean"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
-    return {key: out[key] for key in METRIC_KEYS if key not in MEDIAN_KEYS}
+    if ranks.mp_i2t_rank is not None:
+        for k in RECALL_KS:
+            out[f"mp_i2t_r{k}"] = counts @ (ranks.mp_i2t_rank <= k) / total
+            out[f"mp_t2i_r{k}"] = over_captions((ranks.mp_t2i_rank <= k).astype(float))
+    return {key: out[key] for key in metric_keys(ranks) if key not in MEDIAN_KEYS}
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image_index) -> dict[str, float]:

@@ -33,8 +33,8 @@ from clipse.executors import worker_environment
 from clipse.paths import StudyFolder
 from clipse.run_folder import RunFolder
 from clipse.spaces import SearchSpace
-from clipse.study import (HEARTBEAT_INTERVAL_S, OWNER_ATTR, RUN_DIR_ATTR, Heartbeat, count_trials, load_study,
-                          retried_numbers, retry_lost_trial, stored_settings, take_back)
+from clipse.study import (HEARTBEAT_INTERVAL_S, OWNER_ATTR, RUN_DIR_ATTR, WEIGHT_CONSTRAINT, Heartbeat, StudySettings,
+                          count_trials, load_study, retried_numbers, retry_lost_trial, stored_settings, take_back)
 from clipse.trackers import tracking_problems
 from clipse.train import EpochReport, train
 
@@ -67,8 +67,8 @@ class StudyRef:
         return StudyFolder(Path(self.study_dir))
 
 
-def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metrics: list[str],
-              base: TrainConfig) -> float | list[float]:
+def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, settings: StudySettings) -> float | list[float]:
+    metrics, base = settings.metrics, settings.base_config()
     params = space.suggest(trial)
     retry_dir = trial.user_attrs.get(RUN_DIR_ATTR)
     run_dir = Path(retry_dir) if retry_dir else ref.folder.trial_run(trial.number)
@@ -96,6 +96,8 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, metrics: l
     trial.set_user_attr("seconds", round(result.seconds, 2))
     for key, value in {**result.best_metrics, **{f"weights_{k}": v for k, v in result.weight_stats.items()}}.items():
         trial.set_user_attr(key, value if math.isfinite(value) else None)
+    if settings.min_weight_std > 0:  # Optuna's constraint: never the best, and TPE, GP, NSGA-II avoid such points
+        trial.set_constraint(WEIGHT_CONSTRAINT, settings.weight_shortfall(result.weight_stats.get("weight_std")))
     _attach_artifacts(trial, ref, RunFolder(run_dir))
     if result.status == "stopped":
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_done}")
@@ -139,7 +141,6 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
     study = load_study(ref.name, ref.storage)
     settings = stored_settings(study)
     space = SearchSpace.from_dict(settings.space_definition)
-    base = settings.base_config()
     trials = study.get_trials(deepcopy=False)
     mine = [t for t in trials if environment.was(t.user_attrs.get(OWNER_ATTR) or {})]
     previous = mine[-1] if mine else None
@@ -157,7 +158,7 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
         trial.set_user_attr(key, value)
     with Heartbeat(trial, ref.heartbeat_s):
         try:
-            value = objective(trial, ref, space, settings.metrics, base)
+            value = objective(trial, ref, space, settings)
         except optuna.TrialPruned as pruned:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialOutcome(trial.number, "PRUNED", error=str(pruned) or None)

@@ -286,7 +286,8 @@ class RunFolder:
         return TrainResult(**json.loads(self.result_file.read_text()))
 
     def save_test_ranks(self, ranks: RetrievalRanks) -> None:
-        replace_atomically(self.test_ranks_file, lambda tmp: np.savez(tmp, **dataclasses.asdict(ranks)))
+        arrays = {k: v for k, v in dataclasses.asdict(ranks).items() if v is not None}
+        replace_atomically(self.test_ranks_file, lambda tmp: np.savez(tmp, **arrays))
 
     def test_ranks(self) -> RetrievalRanks:
         with np.load(self.test_ranks_file) as data:

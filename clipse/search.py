@@ -36,7 +36,7 @@ from clipse.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.objective import StudyRef, TrialOutcome, run_trial_task
 from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.progress import ProgressLine
-from clipse.spaces import SearchSpace, available_spaces, load_space
+from clipse.spaces import SearchSpace, available_spaces, check_min_weight_std, load_space
 from clipse.study_samplers import SAMPLER_KINDS, SAMPLERS, check_sampler, grid_size
 from clipse.trackers.study_record import open_study_record
 from clipse.study import (PRUNERS, StudySettings, ranked_trials, TrialCounts, count_trials, create_or_load,
@@ -48,7 +48,7 @@ from clipse.workload import Workload, run_workload
 # Training settings a search may fix for all its trials (the space chooses the rest).
 TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "precision", "nproc", "micro_batch")
 # Settings stored with a study that a resumed search may only repeat, not change.
-STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed")
+STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed", "min_weight_std")
 MAX_TASK_ERRORS = 3
 
 
@@ -74,6 +74,10 @@ class SearchOptions:
                                          shown_default=default_of_setting("startup_trials"))
     pruner: str | None = setting(None, "stops poor trials early from their per-epoch curve (off for several "
                                  "objectives)", choices=PRUNERS, shown_default=default_of_setting("pruner"))
+    min_weight_std: float | None = setting(
+        None, "completed trials whose SANW weights spread less than this in their last epoch (the std of the "
+        "negative weights) are infeasible (Optuna's trial constraints): never the best, and TPE, GP and NSGA-II "
+        "sample away from them; 0 turns it off", shown_default="the space's min_weight_std, else 0")
     enqueue: str | None = setting(None, "parameter sets the first trials use: a YAML file holding a list of mappings, "
                                   "or 'defaults' (the documented defaults of the space's settings); added once")
     heartbeat_grace: float | None = setting(
@@ -126,6 +130,7 @@ def resolve_settings(options: SearchOptions, existing: StudySettings | None, spa
                 raise UserError(f"--pruner {given['pruner']}: Optuna cannot prune a study of several objectives")
             given["pruner"] = "none"
         check_sampler(given.get("sampler", default_of_setting("sampler")), space, objectives)
+        given.setdefault("min_weight_std", space.min_weight_std)
         seed = given.pop("seed", default_of_setting("seed"))
         return StudySettings(space=space.name, space_digest=space.digest, space_definition=space.to_dict(),
                              seed=seed, base={**base, "seed": seed}, **given)
@@ -238,6 +243,8 @@ def run_search(options: SearchOptions) -> SearchResult:
     check_at_least(options, 1, "trials")
     if options.heartbeat_grace is not None and options.heartbeat_grace <= 0:
         raise UserError("--heartbeat-grace must be positive")
+    if options.min_weight_std is not None:
+        check_min_weight_std(options.min_weight_std, "--min-weight-std")
     space = load_space(options.space)
     name = options.study or space.name
     folder = StudyFolder.of(options.studies_dir, name)
@@ -275,7 +282,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
                  "objectives)" if settings.multi_objective else f"objective {settings.metric} (best epoch)")
     print(f"study '{name}' ({'resumed, ' + str(counts.finished) + ' trials finished' if existing else 'new'}) "
           f"in {storage}\nspace {space.name}: {', '.join(space.params)} | {objective} | "
-          f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | executor "
+          f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | "
+          + (f"min weight std {settings.min_weight_std:g} | " if settings.min_weight_std else "") + "executor "
           f"{options.execution.backend}{workers}" + (f" | {enqueued} trial(s) enqueued" if enqueued else ""),
           file=sys.stderr)
     grace = executor.heartbeat_grace_s if options.heartbeat_grace is None else options.heartbeat_grace
@@ -325,11 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     counts = result.counts
     shown_values = result.metrics if len(result.metrics) > 1 else ["value"]
     heading = "Pareto front" if len(result.metrics) > 1 else "top trials"
-    print(f"\n{heading} of '{result.study}' ({counts.complete} complete, {counts.pruned} pruned, "
+    infeasible = f", {counts.infeasible} of them infeasible (SANW weights too uniform)" if counts.infeasible else ""
+    print(f"\n{heading} of '{result.study}' ({counts.complete} complete{infeasible}, {counts.pruned} pruned, "
           f"{counts.failed} failed):")
     columns = ["trial", *shown_values, "epochs", "w_std"]
     params = list(dict.fromkeys(k for row in result.top for k in row if k not in columns))
-    print(markdown_table(result.top, [*columns, *params]) if result.top else "(no completed trial)")
+    print(markdown_table(result.top, [*columns, *params]) if result.top else "(no completed trial)" if not counts.complete
+          else "(no feasible trial: every completed trial's SANW weights spread less than the study's min weight std)")
     if len(result.metrics) > 1 and counts.front > len(result.top):
         print(f"(the first {len(result.top)} of {counts.front} trials on the front, by the mean of the objectives)")
     print(f"\nstudy folder: {result.study_dir}")

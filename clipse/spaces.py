@@ -6,6 +6,7 @@ A space file maps onto training-setting keys (``TrainConfig`` fields and loss pa
     extends: _shared            # optional: another file in the same folder (params and fixed merge)
     fixed:                      # settings every trial of the space uses
       loss: sanw_bandpass
+    min_weight_std: 0.01        # optional: trials whose SANW weights spread less are infeasible
     params:                     # what the sampler chooses
       lr: {type: float, low: 5.0e-4, high: 5.0e-3, log: true}
       batch_size: {type: int, low: 64, high: 256, step: 64}
@@ -33,7 +34,7 @@ from clipse.fields import kind_of
 from clipse.paths import PROJECT_ROOT
 
 SPACES_DIR = PROJECT_ROOT / "search_spaces"
-TOP_KEYS = {"description", "extends", "fixed", "params"}
+TOP_KEYS = {"description", "extends", "fixed", "params", "min_weight_std"}
 PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
               "categorical": {"type", "choices"}}
 
@@ -74,6 +75,7 @@ class SearchSpace:
     description: str
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
+    min_weight_std: float = 0.0  # the default of --min-weight-std for studies of this space (0: off)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Config keys -> values for one trial: the fixed settings plus the sampled ones."""
@@ -103,18 +105,21 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able definition: a study stores it, so its workers need no space file."""
         return {"name": self.name, "path": str(self.path), "description": self.description, "fixed": dict(self.fixed),
-                "params": {k: {**asdict(p), "choices": list(p.choices)} for k, p in self.params.items()}}
+                "params": {k: {**asdict(p), "choices": list(p.choices)} for k, p in self.params.items()},
+                "min_weight_std": self.min_weight_std}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SearchSpace":
         params = {k: Param(**{**p, "choices": tuple(p["choices"])}) for k, p in data["params"].items()}
         return cls(name=data["name"], path=Path(data["path"]), description=data["description"],
-                   fixed=dict(data["fixed"]), params=params)
+                   fixed=dict(data["fixed"]), params=params, min_weight_std=data.get("min_weight_std", 0.0))
 
     @property
     def digest(self) -> str:
         """Identifies the space's content, so a study notices when its space file changed."""
         content = {"fixed": self.fixed, "params": {k: vars(p) for k, p in sorted(self.params.items())}}
+        if self.min_weight_std:  # absent when off, so that older studies of unchanged spaces still match
+            content["min_weight_std"] = self.min_weight_std
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -174,27 +179,37 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
                  log=log, step=step)
 
 
-def _read_layer(path: Path, seen: tuple[Path, ...]) -> tuple[str, dict, dict]:
-    """(description, fixed, params-specs) of a file, with its ``extends`` chain merged under it."""
+def _read_layer(path: Path, seen: tuple[Path, ...]) -> tuple[str, dict, dict, float]:
+    """(description, fixed, params-specs, min_weight_std) of a file, with its ``extends`` chain
+    merged under it."""
     if path in seen:
         raise UserError(f"{path}: 'extends' forms a cycle")
     data = read_yaml_mapping(path)
     unknown = set(data) - TOP_KEYS
     if unknown:
         raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected {', '.join(sorted(TOP_KEYS))})")
-    fixed, params = {}, {}
+    fixed, params, min_weight_std = {}, {}, 0.0
     if "extends" in data:
         base = data["extends"]
         if not isinstance(base, str) or not (path.parent / f"{base}.yaml").is_file():
             raise UserError(f"{path}: extends: no file {base}.yaml next to it")
-        _, fixed, params = _read_layer(path.parent / f"{base}.yaml", seen + (path,))
+        _, fixed, params, min_weight_std = _read_layer(path.parent / f"{base}.yaml", seen + (path,))
     for section in ("fixed", "params"):
         value = data.get(section, {}) or {}
         if not isinstance(value, dict):
             raise UserError(f"{path}: '{section}' must be a mapping")
     fixed = {**fixed, **(data.get("fixed") or {})}
     params = {**params, **(data.get("params") or {})}
-    return str(data.get("description", "")), fixed, params
+    if "min_weight_std" in data:
+        min_weight_std = check_min_weight_std(data["min_weight_std"], f"{path}: min_weight_std")
+    return str(data.get("description", "")), fixed, params, min_weight_std
+
+
+def check_min_weight_std(value: Any, where: str) -> float:
+    value = _number(value, where, "min_weight_std", integer=False)
+    if value < 0:
+        raise UserError(f"{where}: must be at least 0, got {value}")
+    return float(value)
 
 
 def load_space(name_or_path: str, folder: Path = SPACES_DIR) -> SearchSpace:
@@ -206,7 +221,7 @@ def load_space(name_or_path: str, folder: Path = SPACES_DIR) -> SearchSpace:
             raise UserError(f"unknown search space '{name_or_path}' (available: {', '.join(available_spaces(folder))})")
     elif not path.is_file():
         raise UserError(f"{path}: search space file not found")
-    description, fixed_raw, params_raw = _read_layer(path, ())
+    description, fixed_raw, params_raw, min_weight_std = _read_layer(path, ())
     fixed = {}
     known = setting_fields()
     for section, keys in (("fixed", fixed_raw), ("params", params_raw)):
@@ -221,7 +236,8 @@ def load_space(name_or_path: str, folder: Path = SPACES_DIR) -> SearchSpace:
         raise UserError(f"{path}: '{sorted(both)[0]}' is both fixed and a searched parameter")
     if not params:
         raise UserError(f"{path}: no params to search")
-    return SearchSpace(name=space_name(path, folder), path=path, description=description, fixed=fixed, params=params)
+    return SearchSpace(name=space_name(path, folder), path=path, description=description, fixed=fixed, params=params,
+                       min_weight_std=min_weight_std)
 
 
 def space_name(path: Path, folder: Path) -> str:

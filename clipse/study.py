@@ -19,6 +19,7 @@ that ended).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -43,6 +44,7 @@ LOST_ATTR = "clipse:lost"            # trial system attr: why a running trial wa
 RETRY_OF_ATTR = "retry_of"           # trial user attr of a retry: the number of the lost trial it continues
 ATTEMPT_ATTR = "attempt"             # trial user attr: 1 for a first try, 2 for its first retry, ...
 RUN_DIR_ATTR = "run_dir"             # trial user attr: the trial's run folder (a retry resumes it)
+WEIGHT_CONSTRAINT = "weight_std_shortfall"  # trial constraint (Optuna's): set when min_weight_std > 0
 HEARTBEAT_INTERVAL_S = 10.0
 PRUNERS = ("median", "percentile", "hyperband", "none")
 
@@ -62,6 +64,7 @@ class StudySettings:
     seed: int = 0
     startup_trials: int = 10
     pruner: str = "median"
+    min_weight_std: float = 0.0  # completed trials whose SANW weights spread less are infeasible (0: off)
     base: dict[str, Any] = field(default_factory=dict)  # training settings given on the command line
 
     def base_config(self) -> TrainConfig:
@@ -81,6 +84,11 @@ class StudySettings:
         """Each worker builds a fresh sampler per trial (``clipse.study_samplers``)."""
         return build_sampler(self.sampler, self.seed, self.startup_trials, SearchSpace.from_dict(self.space_definition),
                              trials_so_far)
+
+    def weight_shortfall(self, spread: float | None) -> float:
+        """The trial's constraint value (``WEIGHT_CONSTRAINT``; feasible when <= 0): how far its
+        last-epoch weight spread falls short of ``min_weight_std``. None: logged no weights."""
+        return self.min_weight_std - (spread if spread is not None and math.isfinite(spread) else 0.0)
 
     def build_pruner(self) -> optuna.pruners.BasePruner:
         if self.pruner == "median":
@@ -203,11 +211,25 @@ def load_study(name: str, storage: str) -> optuna.Study:
 
 
 def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Completed trials, best first. With several objectives, only the Pareto front, ordered by
-    the mean of the objectives (the front has no order of its own)."""
+    """Completed feasible trials (``is_feasible``), best first. With several objectives, only
+    their Pareto front, ordered by the mean of the objectives (the front has no order of its own)."""
+    candidates = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)]
     if len(study.directions) > 1:
-        return sorted(study.best_trials, key=lambda t: (-sum(t.values) / len(t.values), t.number))
-    return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (-t.value, t.number))
+        return sorted(pareto_front(candidates), key=lambda t: (-sum(t.values) / len(t.values), t.number))
+    return sorted(candidates, key=lambda t: (-t.value, t.number))
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Optuna's rule: every constraint the trial set is <= 0 (a trial without one is feasible)."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
+def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials no other trial dominates (every objective maximised)."""
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        return all(x >= y for x, y in zip(a.values, b.values)) and a.values != b.values
+
+    return [t for t in trials if not any(dominates(other, t) for other in trials)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +244,7 @@ class TrialCounts:
     running: int = 0
     running_elsewhere: int = 0  # RUNNING trials whose worker belongs to another session
     waiting: int = 0
+    infeasible: int = 0      # completed trials whose SANW weights spread less than the study's minimum
     best_value: float | None = None
     best_number: int | None = None
     front: int = 0           # multi-objective studies: trials on the Pareto front (best_value stays None)
@@ -243,7 +266,9 @@ def count_trials(study: optuna.Study, session: str | None = None) -> TrialCounts
     for t in trials:
         if t.state == TrialState.COMPLETE:
             counts.complete += 1
-            if len(t.values) == 1 and (counts.best_value is None or t.value > counts.best_value):
+            if not is_feasible(t):
+                counts.infeasible += 1
+            elif len(t.values) == 1 and (counts.best_value is None or t.value > counts.best_value):
                 counts.best_value, counts.best_number = t.value, t.number
         elif t.state == TrialState.PRUNED:
             counts.pruned += 1
@@ -257,7 +282,7 @@ def count_trials(study: optuna.Study, session: str | None = None) -> TrialCounts
         elif t.state == TrialState.WAITING:
             counts.waiting += 1
     if len(study.directions) > 1:
-        counts.front = len(study.best_trials)
+        counts.front = len(pareto_front([t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]))
     return counts
 
 

@@ -33,7 +33,7 @@ from clipse.errors import UserError, cli_main, configure_logging
 from clipse.evaluation import ImageNormalizer, evaluate_split
 from clipse.global_batch import contrastive_backward
 from clipse.losses import MAX_LOGIT_SCALE, STRENGTH_COLUMN, clamp_scale
-from clipse.metrics import METRIC_KEYS
+from clipse.metrics import METRIC_KEYS, MP_METRIC_KEYS
 from clipse.models import list_models
 from clipse.run_folder import RunFolder, TrainResult, default_run_dir
 from clipse.samplers import TopicalBatchSampler, fold_short_tail, random_batches
@@ -88,6 +88,15 @@ def warmup_fraction(config: TrainConfig, epoch_progress: float) -> float:
     if config.alpha_warmup_epochs <= 0:
         return 1.0
     return min(1.0, epoch_progress / config.alpha_warmup_epochs)
+
+
+def true_false_negatives(split, batch, device: torch.device) -> torch.Tensor | None:
+    """(B, B) bool of a global batch, where the data knows it: [i, j] is True when pair j's
+    caption truly describes pair i's image (pairs of one image included)."""
+    if split.truth is None:
+        return None
+    pairs = torch.from_numpy(batch)
+    return split.truth.describes(pairs, split.caption_image[pairs]).T.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +194,7 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
         # Summed on the device and read only at logged steps, so that a step never waits for it.
         step_rows, loss_sum = [], torch.zeros((), dtype=torch.float64, device=device)
         stat_sums: dict[str, torch.Tensor] = {}
-        stat_steps: dict[str, int] = {}
+        stat_steps: dict[str, torch.Tensor] = {}  # steps whose value was a number (NaN: nothing to count)
         first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # global step of the first, or 0
         window_start, window_samples = time.perf_counter(), 0
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
@@ -199,7 +208,8 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
             optimizer.zero_grad(set_to_none=True)
             loss, stats, scale = contrastive_backward(
                 model, training_batches(batch, global_step, ranks), step_loss, ranks=ranks,
-                micro_batch=config.micro_batch, autocast=autocast, with_stats=logged, scale_loss=scaler.scale)
+                micro_batch=config.micro_batch, autocast=autocast, with_stats=logged, scale_loss=scaler.scale,
+                false_negatives=true_false_negatives(train_data, batch, device) if logged else None)
             global_step += 1
             first_nonfinite = torch.where((first_nonfinite == 0) & ~torch.isfinite(loss), global_step,
                                           first_nonfinite)
@@ -212,8 +222,10 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
                 model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
                 loss_sum += loss
                 for key, value in stats.items():  # 0-d tensors (a loss may give plain numbers too)
-                    stat_sums[key] = stat_sums.get(key, 0.0) + torch.as_tensor(value, device=device)
-                    stat_steps[key] = stat_steps.get(key, 0) + 1
+                    value = torch.as_tensor(value, device=device, dtype=torch.float64)
+                    counted = torch.isfinite(value)
+                    stat_sums[key] = stat_sums.get(key, 0.0) + torch.where(counted, value, 0.0)
+                    stat_steps[key] = stat_steps.get(key, 0) + counted.long()
             window_samples += len(batch)
             bar.update(1)
             if logged:  # the step's one wait for the device
@@ -247,7 +259,8 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
 
         train_seconds = time.perf_counter() - epoch_started
         metrics, _ = evaluate_split(model, val_data, normalize, autocast)
-        weight_means = {key: float(total) / stat_steps[key] for key, total in stat_sums.items()}
+        weight_means = {key: float(total) / int(stat_steps[key]) if int(stat_steps[key]) else math.nan
+                        for key, total in stat_sums.items()}
         last_metrics = {f"val_{key}": value for key, value in metrics.items()}
         epoch_metrics = {"train_loss": float(loss_sum) / len(batches), **last_metrics,
                          "samples_per_s": n_pairs / train_seconds, "seconds": time.perf_counter() - epoch_started,
@@ -325,9 +338,12 @@ def format_summary(result: TrainResult, select_key: str) -> str:
     if result.best_metrics:
         lines.append(f"best epoch {result.best_epoch}: {select_key} {result.best_value:.4f}")
         lines.append("  " + "  ".join(f"{k} {result.best_metrics[f'val_{k}']:.4f}" for k in METRIC_KEYS))
+    if result.best_metrics.get("val_mp_i2t_r1") is not None:
+        lines.append("  multi-positive (any truly describing caption or image): " + "  ".join(
+            f"{k} {result.best_metrics[f'val_{k}']:.4f}" for k in MP_METRIC_KEYS))
     if result.test_metrics:
-        lines.append("test (best checkpoint): " + "  ".join(
-            f"{k} {result.test_metrics[f'test_{k}']:.4f}" for k in METRIC_KEYS))
+        shown = METRIC_KEYS + (MP_METRIC_KEYS if "test_mp_i2t_r1" in result.test_metrics else ())
+        lines.append("test (best checkpoint): " + "  ".join(f"{k} {result.test_metrics[f'test_{k}']:.4f}" for k in shown))
     lines.append(f"outputs: {result.run_dir}")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from clipse.errors import UserError
 from clipse.metrics import METRIC_KEYS, RetrievalRanks, metrics_from_ranks, resampled_metrics, retrieval_ranks
 from clipse.report.statistics import (detection_multiplier, image_variance, paired_bootstrap, power_figures,
                                       summarise, summary_verdicts, verdict)
-from clipse.report.summary import summary_markdown
+from clipse.report.summary import summary_markdown, uniform_weight_warnings
 from clipse.run_folder import RunFolder
 
 # Simulated retrieval: image i is found with probability sigmoid(difficulty_i + effect + seed
@@ -308,3 +308,15 @@ def test_the_report_gives_power_and_says_when_a_null_result_was_underpowered(tmp
     one_seed = summarise(write_runs(tmp_path / "one", {"same": same[:1], "baseline": base[:1]}), "baseline",
                          resamples=50)
     assert np.isnan(one_seed.set_index(["label", "metric"]).loc[("same", "r1_mean"), "mde"])
+
+
+def test_the_report_flags_sanw_whose_weights_stay_within_one_percent_of_one():
+    runs = pd.DataFrame([
+        {"label": "flat", "loss": "sanw_bandpass", "train_weight_min": 0.995, "train_weight_max": 1.004},
+        {"label": "flat", "loss": "sanw_bandpass", "train_weight_min": 0.992, "train_weight_max": 1.006},
+        {"label": "real", "loss": "sanw_debias", "train_weight_min": 0.30, "train_weight_max": 1.2},
+        {"label": "edge", "loss": "sanw_debias", "train_weight_min": 0.995, "train_weight_max": 1.02},
+        {"label": "baseline", "loss": "infonce", "train_weight_min": 1.0, "train_weight_max": 1.0}])
+    warnings = uniform_weight_warnings(runs)
+    assert list(warnings) == ["flat"] and "smallest 0.9935, largest 1.0050" in warnings["flat"]
+    assert uniform_weight_warnings(runs.drop(columns=["train_weight_min"])) == {}

@@ -82,6 +82,8 @@ def write(tmp_path, text, name="space.yaml"):
     ("fixed: [1, 2]\n", "'fixed' must be a mapping"),
     ("paramz: {}\n", "unknown key 'paramz'"),
     ("params:\n  lr: {type: float, low: 0.1, high: [1\n", "not valid YAML"),
+    ("min_weight_std: -0.1\nparams:\n  lr: {type: float, low: 0.1, high: 1}\n", "min_weight_std: must be at least 0"),
+    ("min_weight_std: lots\nparams:\n  lr: {type: float, low: 0.1, high: 1}\n", "'min_weight_std' must be a number"),
 ])
 def test_bad_space_files_name_file_key_and_problem(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -104,3 +106,14 @@ def test_extends_merges_and_digest_tracks_content(tmp_path):
                                         "params:\n  alpha: {type: float, low: 0.1, high: 0.4}\n"))
     assert first.digest != second.digest
     assert SPACES_DIR.name == "search_spaces"
+
+
+def test_a_weight_floor_is_inherited_overridden_and_part_of_the_digest(tmp_path):
+    write(tmp_path, "min_weight_std: 0.02\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", "_floor.yaml")
+    inherited = load_space(write(tmp_path, "extends: _floor\nfixed: {loss: sanw_debias}\n", "a.yaml"))
+    overridden = load_space(write(tmp_path, "extends: _floor\nmin_weight_std: 0.05\nfixed: {loss: sanw_debias}\n",
+                                  "b.yaml"))
+    assert inherited.min_weight_std == 0.02 and overridden.min_weight_std == 0.05
+    assert inherited.digest != overridden.digest
+    assert type(inherited).from_dict(inherited.to_dict()) == inherited
+    assert load_space("baseline").min_weight_std == 0.0

@@ -15,7 +15,8 @@ from clipse.final import FinalOptions, run_final
 from clipse.search import SearchOptions, run_search
 from clipse.search import main as search_main
 from clipse.spaces import Param, SearchSpace, load_space
-from clipse.study import open_storage, retry_lost_trial, study_names
+from clipse.study import (WEIGHT_CONSTRAINT, StudySettings, count_trials, create_or_load, open_storage, ranked_trials, retry_lost_trial,
+                          study_names)
 from clipse.study_samplers import SAMPLERS, build_sampler, grid_size, grid_values
 
 from helpers import load_study
@@ -270,3 +271,52 @@ def test_figures_of_a_study_without_completed_trials_say_why(tmp_path, caplog):
     said = {r.getMessage() for r in caplog.records if "not drawn" in r.getMessage()}
     assert said == {f"{name}.png not drawn: the study has no completed trial yet"
                     for name in ("search_history", "param_importances", "sanw_slice")}
+
+
+# ----------------------------------------------------------------------------------------------
+# --min-weight-std: trials whose SANW weights stay uniform are infeasible
+
+
+def _floor_study(tmp_path, min_weight_std=0.05):
+    space = load_space("debias")
+    settings = StudySettings(space=space.name, space_digest=space.digest, space_definition=space.to_dict(),
+                             min_weight_std=min_weight_std)
+    return {"settings": settings, "study": create_or_load("floor", open_storage(str(tmp_path / "journal.log")), settings)}
+
+
+def test_infeasible_trials_are_never_best(tmp_path):
+    settings = _floor_study(tmp_path)
+    study = settings.pop("study")
+    for value, spread in ((0.9, 0.01), (0.5, 0.2), (0.7, 0.05), (0.95, None), (0.99, float("nan"))):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-2)
+        trial.set_constraint(WEIGHT_CONSTRAINT, settings["settings"].weight_shortfall(spread))  # as the objective does
+        study.tell(trial, value)
+    assert [t.constraints[WEIGHT_CONSTRAINT] for t in study.get_trials()] == pytest.approx([0.04, -0.15, 0, 0.05, 0.05])
+    assert [t.value for t in ranked_trials(study)] == [0.7, 0.5]  # the others spread too little, or logged nothing
+    counts = count_trials(study)
+    assert counts.best_value == 0.7 and counts.infeasible == 3 and counts.complete == 5
+    assert study.best_trial.value == 0.7  # Optuna agrees
+    plain = optuna.create_study(direction="maximize")
+    plain.tell(plain.ask(), 0.9)
+    assert ranked_trials(plain)[0].value == 0.9 and count_trials(plain).infeasible == 0
+
+
+@pytest.mark.slow
+def test_a_search_whose_weights_never_spread_enough_has_no_best(tmp_path, stepped_space, capsys):
+    floored = tmp_path / "floored.yaml"
+    floored.write_text(stepped_space.read_text() + "min_weight_std: 1000.0\n")  # no SANW weight spreads that far
+    assert search_main(["--space", str(floored), "--trials", "2", "--studies-dir", str(tmp_path / "studies"),
+                        "--pruner", "none", "--data-root", str(tmp_path.parent / "shapes-samplers"),
+                        *[f"--{k.replace('_', '-')}={v}" for k, v in TINY_TRAINING.items()]]) == 0
+    out = capsys.readouterr()
+    assert "min weight std 1000" in out.err
+    assert "2 complete, 2 of them infeasible" in out.out and "(no feasible trial:" in out.out
+    study = load_study(tmp_path, "floored")
+    assert all(t.user_attrs["weights_weight_std"] < 1000 for t in study.get_trials())
+    with pytest.raises(UserError, match="none of its 2 completed trials is feasible"):
+        run_final(FinalOptions(study="floored", studies_dir=tmp_path / "studies", seeds=1))
+    with pytest.raises(UserError, match=r"--min-weight-std 0.0 \(study has 1000.0\)"):
+        run_search(options(tmp_path, floored, 3, study="floored", min_weight_std=0.0))
+    with pytest.raises(UserError, match="--min-weight-std: must be at least 0, got -1"):
+        run_search(options(tmp_path, floored, 3, study="other", min_weight_std=-1.0))

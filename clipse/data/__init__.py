@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,8 @@ import torch
 from clipse.data.cache import cached_images, cached_tokens
 from clipse.data.readers import DATA_KINDS, read_dataset, read_flickr8k
 from clipse.data.records import SPLITS, CaptionDataset, CaptionSplit
-from clipse.data.synthetic import ShapesSpec, ensure_shapes_dataset
+from clipse.data.synthetic import ShapesSpec, ensure_shapes_dataset, shapes_truth
+from clipse.data.truth import CaptionTruth
 from clipse.errors import UserError
 
 
@@ -27,6 +29,7 @@ def load_caption_dataset(kind: str, root: str | Path | None = None, image_root: 
         folder = ensure_shapes_dataset(shapes, Path(root) if root else None)
         dataset = read_flickr8k(folder, image_root)
         dataset.name = f"shapes:{shapes.folder_name}"
+        dataset.truth_of = functools.partial(shapes_truth, seed=shapes.seed, fn_level=shapes.fn_level)
         return dataset
     if root is None:
         raise UserError(f"--data {kind} needs --data-root (the dataset's folder or file)")
@@ -42,17 +45,20 @@ class SplitTensors:
     tokens: torch.Tensor         # (C, L) int64
     caption_image: torch.Tensor  # (C,) int64
     captions: list[str]
+    truth: CaptionTruth | None = None  # which captions truly describe which images, where known
 
 
 def load_split_tensors(split: CaptionSplit, split_name: str, resolution: int,
-                       tokenize: Callable[[list[str]], torch.Tensor], tokenizer_id: str) -> SplitTensors:
+                       tokenize: Callable[[list[str]], torch.Tensor], tokenizer_id: str,
+                       truth: CaptionTruth | None = None) -> SplitTensors:
     return SplitTensors(
         images=cached_images(split.image_paths, resolution, split_name),
         tokens=cached_tokens(split.captions, tokenize, tokenizer_id),
         caption_image=torch.as_tensor(split.caption_image),
         captions=split.captions,
+        truth=truth,
     )
 
 
-__all__ = ["DATA_KINDS", "SPLITS", "CaptionDataset", "CaptionSplit", "ShapesSpec", "SplitTensors",
+__all__ = ["DATA_KINDS", "SPLITS", "CaptionDataset", "CaptionSplit", "CaptionTruth", "ShapesSpec", "SplitTensors",
            "load_caption_dataset", "load_split_tensors"]

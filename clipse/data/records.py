@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from clipse.data.truth import CaptionTruth
 
 SPLITS = ("train", "val", "test")
 
@@ -27,9 +30,14 @@ class CaptionSplit:
 class CaptionDataset:
     name: str                       # e.g. "flickr8k", "karpathy:dataset_coco.json"
     splits: dict[str, CaptionSplit] = field(default_factory=dict)
+    # which captions truly describe which images of a split, where the data knows (generated data)
+    truth_of: Callable[[CaptionSplit], CaptionTruth] | None = None
 
     def split(self, name: str) -> CaptionSplit:
         return self.splits[name]
+
+    def truth(self, name: str) -> CaptionTruth | None:
+        return self.truth_of(self.splits[name]) if self.truth_of is not None else None
 
     def describe(self) -> str:
         return ", ".join(

@@ -4,6 +4,14 @@ Written to disk in the Flickr8k original layout, so the real Flickr8k reader is 
 default. Each image gets five captions at different levels of detail ("a red circle" ...
 "a small red circle in the top left and a large blue square in the bottom right, on a gray
 background"): coarse captions fit many images, which makes real false negatives.
+
+The generator knows which captions truly describe which images (``shapes_truth``): an image
+holds facts ("a red circle", "a small red circle at the top left", "a gray background", its
+complete description) and a caption requires one or two of them. ``--shapes-fn-level`` sets
+the mix of caption levels, and so how often an in-batch negative truly matches its caption:
+``low`` uses only placed and complete captions, ``default`` one caption of each level, ``high``
+coarse ones and a background-only caption ("a picture of a gray background"). The images are
+the same at every level.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +27,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipse.data.readers import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE
+from clipse.data.records import CaptionSplit
+from clipse.data.truth import CaptionTruth
+from clipse.errors import UserError
 from clipse.paths import cache_dir
 
 GENERATOR_VERSION = 1
@@ -32,6 +44,14 @@ SIZES = {"small": 0.2, "large": 0.36}  # shape extent as a fraction of the canva
 ROWS = ("top", "", "bottom")
 COLUMNS = ("left", "", "right")
 PREFIXES = ("", "a picture of ", "an image with ", "there is ")
+# The five caption levels of each image, per --shapes-fn-level (see the module docstring).
+FN_LEVELS = {
+    "low": ("placed", "complete", "placed", "complete", "placed"),
+    "default": ("coarse", "sized", "on_background", "placed", "complete"),
+    "high": ("coarse", "background", "coarse", "sized", "complete"),
+}
+SHAPES_FN_LEVELS = tuple(FN_LEVELS)
+IMAGE_NAME = re.compile(r"shapes_(\d{6})\.jpg$")
 
 
 @dataclass(frozen=True)
@@ -42,10 +62,13 @@ class ShapesSpec:
     val_images: int
     test_images: int
     seed: int = 0
+    fn_level: str = "default"
 
     @property
     def folder_name(self) -> str:
-        return f"shapes-v{GENERATOR_VERSION}-s{self.seed}-{self.train_images}-{self.val_images}-{self.test_images}"
+        level = "" if self.fn_level == "default" else f"-fn{self.fn_level}"
+        return (f"shapes-v{GENERATOR_VERSION}-s{self.seed}-{self.train_images}-{self.val_images}-{self.test_images}"
+                f"{level}")
 
 
 @dataclass(frozen=True)
@@ -61,20 +84,39 @@ class _Shape:
         words = [w for w in (ROWS[self.row], COLUMNS[self.column]) if w]
         return " ".join(words) if words else "center"
 
+    @property
+    def facts(self) -> tuple[str, str, str]:
+        """What captions can say of this shape: colour and kind; with its size; with its place."""
+        sized = f"{self.size} {self.colour} {self.kind}"
+        return f"{self.colour} {self.kind}", sized, f"{sized} at {self.row},{self.column}"
 
-def _draw(draw: ImageDraw.ImageDraw, shape: _Shape, rng: np.random.Generator) -> None:
+
+@dataclass(frozen=True)
+class _Placement:
+    cx: float
+    cy: float
+    r: float
+    fill: tuple[int, ...]
+
+
+def _place(shape: _Shape, rng: np.random.Generator) -> _Placement:
     cell = CANVAS / 3
     cx = cell * (shape.column + 0.5) + rng.uniform(-3, 3)
     cy = cell * (shape.row + 0.5) + rng.uniform(-3, 3)
     r = CANVAS * SIZES[shape.size] / 2 * rng.uniform(0.85, 1.15)
     fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in SHAPE_COLOURS[shape.colour])
-    if shape.kind == "circle":
+    return _Placement(cx, cy, r, fill)
+
+
+def _paint(draw: ImageDraw.ImageDraw, kind: str, p: _Placement) -> None:
+    cx, cy, r, fill = p.cx, p.cy, p.r, p.fill
+    if kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape.kind == "square":
+    elif kind == "square":
         draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
-    elif shape.kind == "triangle":
+    elif kind == "triangle":
         draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-    elif shape.kind == "diamond":
+    elif kind == "diamond":
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     else:  # cross
         arm = r * 0.35
@@ -82,8 +124,14 @@ def _draw(draw: ImageDraw.ImageDraw, shape: _Shape, rng: np.random.Generator) ->
         draw.rectangle([cx - arm, cy - r, cx + arm, cy + r], fill=fill)
 
 
-def _captions(shapes: list[_Shape], background: str, rng: np.random.Generator) -> list[str]:
-    """Five captions, from coarse (fits many images) to complete (fits about one)."""
+def _complete_fact(shapes: list[_Shape], background: str) -> str:
+    return "all:" + background + ";" + ";".join(sorted(s.facts[2] for s in shapes))
+
+
+def _captions(shapes: list[_Shape], background: str, rng: np.random.Generator,
+              levels: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """Five (caption, facts it requires), one per level, from coarse (fits many images) to
+    complete (fits about one)."""
     def pick() -> _Shape:
         return shapes[rng.integers(len(shapes))]
 
@@ -91,23 +139,43 @@ def _captions(shapes: list[_Shape], background: str, rng: np.random.Generator) -
         article = "an" if first_word[0] in "aeiou" else "a"
         return f"{PREFIXES[rng.integers(len(PREFIXES))]}{article} "
 
-    s = pick()
-    coarse = f"{prefix(s.colour)}{s.colour} {s.kind}"
-    s = pick()
-    sized = f"{prefix(s.size)}{s.size} {s.colour} {s.kind}"
-    s = pick()
-    on_background = f"{prefix(s.colour)}{s.colour} {s.kind} on a {background} background"
-    s = pick()
-    placed = f"{prefix(s.size)}{s.size} {s.colour} {s.kind} at the {s.position} on a {background} background"
-    parts = [f"{x.size} {x.colour} {x.kind} at the {x.position}" for x in shapes]
-    if len(parts) == 1:
-        complete = f"a single {parts[0]} of a {background} picture"
-    else:
-        complete = f"a {parts[0]} and a {parts[1]}, on a {background} background"
-    return [coarse, sized, on_background, placed, complete]
+    def caption(level: str) -> tuple[str, tuple[str, ...]]:
+        if level == "complete":
+            parts = [f"{x.size} {x.colour} {x.kind} at the {x.position}" for x in shapes]
+            text = (f"a single {parts[0]} of a {background} picture" if len(parts) == 1
+                    else f"a {parts[0]} and a {parts[1]}, on a {background} background")
+            return text, (_complete_fact(shapes, background),)
+        if level == "background":
+            return f"{PREFIXES[rng.integers(len(PREFIXES))]}a {background} background", (f"bg:{background}",)
+        s = pick()
+        coloured, sized, placed = s.facts
+        if level == "coarse":
+            return f"{prefix(s.colour)}{s.colour} {s.kind}", (coloured,)
+        if level == "sized":
+            return f"{prefix(s.size)}{s.size} {s.colour} {s.kind}", (sized,)
+        if level == "on_background":
+            return f"{prefix(s.colour)}{s.colour} {s.kind} on a {background} background", (coloured, f"bg:{background}")
+        return (f"{prefix(s.size)}{s.size} {s.colour} {s.kind} at the {s.position} on a {background} background",
+                (placed, f"bg:{background}"))
+
+    return [caption(level) for level in levels]
 
 
-def _image(index: int, seed: int) -> tuple[Image.Image, list[str]]:
+@dataclass(frozen=True)
+class _Scene:
+    background: str
+    shapes: list[_Shape]
+    placements: list[_Placement]
+    captions: list[tuple[str, tuple[str, ...]]]
+
+    @property
+    def facts(self) -> set[str]:
+        """Everything true of the image that a caption can require."""
+        return {f"bg:{self.background}", _complete_fact(self.shapes, self.background),
+                *(fact for shape in self.shapes for fact in shape.facts)}
+
+
+def _scene(index: int, seed: int, fn_level: str = "default") -> _Scene:
     rng = np.random.default_rng([seed, index])
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     cells = rng.permutation(9)[: 1 if rng.random() < 0.6 else 2]
@@ -118,11 +186,37 @@ def _image(index: int, seed: int) -> tuple[Image.Image, list[str]]:
                row=int(cell) // 3, column=int(cell) % 3)
         for cell in cells
     ]
-    image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[background])
+    placements = [_place(shape, rng) for shape in shapes]
+    return _Scene(background, shapes, placements, _captions(shapes, background, rng, FN_LEVELS[fn_level]))
+
+
+def _image(index: int, seed: int, fn_level: str = "default") -> tuple[Image.Image, list[str]]:
+    scene = _scene(index, seed, fn_level)
+    image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
-    for shape in shapes:
-        _draw(draw, shape, rng)
-    return image, _captions(shapes, background, rng)
+    for shape, placement in zip(scene.shapes, scene.placements):
+        _paint(draw, shape.kind, placement)
+    return image, [text for text, _ in scene.captions]
+
+
+def shapes_truth(split: CaptionSplit, seed: int, fn_level: str = "default") -> CaptionTruth:
+    """Which captions of a split of a generated shapes dataset truly describe which of its images
+    (every caption describes its own image, and often others)."""
+    scenes = []
+    for path in split.image_paths:
+        match = IMAGE_NAME.search(str(path))
+        if match is None:
+            raise UserError(f"{path}: not an image of a generated shapes dataset")
+        scenes.append(_scene(int(match.group(1)), seed, fn_level))
+    required = []
+    for text, row in zip(split.captions, split.caption_image):
+        facts = dict(scenes[row].captions).get(text)
+        if facts is None:
+            raise UserError(f"{split.image_paths[row]}: its captions are not those of a shapes dataset with seed {seed} "
+                            f"and fn level {fn_level}; this folder was generated with other settings (use another "
+                            "--data-root)")
+        required.append(facts)
+    return CaptionTruth.from_facts([scene.facts for scene in scenes], required)
 
 
 def write_shapes_dataset(folder: Path, spec: ShapesSpec) -> None:
@@ -137,7 +231,7 @@ def write_shapes_dataset(folder: Path, spec: ShapesSpec) -> None:
         names = []
         for _ in range(count):
             name = f"shapes_{index:06d}.jpg"
-            image, captions = _image(index, spec.seed)
+            image, captions = _image(index, spec.seed, spec.fn_level)
             image.save(image_dir / name, quality=95)
             token_lines += [f"{name}#{k}\t{caption}" for k, caption in enumerate(captions)]
             names.append(name)

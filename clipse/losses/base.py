@@ -20,6 +20,9 @@ from clipse.fields import default_of, key_of, kind_of, setting
 
 LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
+# A negative is "suppressed" when its weight is below this (docs/losses.md).
+SUPPRESSED_BELOW = 0.9
+
 # The training.csv column holding the strength a step used (SANW's alpha during its warm-up).
 STRENGTH_COLUMN = "alpha"
 
@@ -43,11 +46,21 @@ class ContrastiveLoss:
         """L2-normalised embeddings and the logit multiplier -> (scalar loss, 0-d stat tensors)."""
         raise NotImplementedError
 
-    def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale, with_stats: bool = True) -> LossResult:
+    def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale, with_stats: bool = True,
+                false_negatives: torch.Tensor | None = None) -> LossResult:
         """The loss and its statistics, which the trainer sums at every step it gets them. A loss
         whose statistics cost work the loss itself does not need may leave them out when
-        ``with_stats`` is False (steps that write no row of training.csv)."""
-        return self(image_emb, text_emb, scale)
+        ``with_stats`` is False (steps that write no row of training.csv). ``false_negatives``
+        (B, B) bool, where the data knows them: [i, j] is True when caption j truly describes
+        image i; the statistics then include ``false_negative_stats`` of the loss's weights."""
+        value, stats = self(image_emb, text_emb, scale)
+        if false_negatives is not None:
+            stats = {**stats, **false_negative_stats(self.negative_weights(image_emb, text_emb), false_negatives)}
+        return value, stats
+
+    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """The (B, B) weight of every pair in the loss (1 on the diagonal); plain InfoNCE's are all 1."""
+        return torch.ones(image_emb.shape[0], text_emb.shape[0], device=image_emb.device)
 
     def problems(self) -> list[str]:
         """Why these parameter values cannot train; empty when they can."""
@@ -77,6 +90,22 @@ class ContrastiveLoss:
     def from_settings(cls, settings: Mapping[str, Any]) -> "ContrastiveLoss":
         """This loss with its parameters taken from ``settings`` (keys as users write them)."""
         return cls(**{f.name: settings[key_of(f)] for f in cls.parameters() if key_of(f) in settings})
+
+
+@torch.no_grad()
+def false_negative_stats(weights: torch.Tensor, false_negatives: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Over the off-diagonal pairs of a batch: ``fn_share``, the share that are true false
+    negatives; ``fn_recall``, the share of those weighted below SUPPRESSED_BELOW; ``fn_precision``,
+    the share of pairs weighted below it that are true false negatives (NaN where nothing is
+    counted). 0-d tensors from masked sums, so that the step does not wait for the device."""
+    batch = weights.shape[0]
+    off = ~torch.eye(batch, dtype=torch.bool, device=weights.device)
+    truth = false_negatives.to(weights.device) & off
+    suppressed = (weights < SUPPRESSED_BELOW) & off
+    both = (truth & suppressed).sum().float()
+    return {"fn_share": truth.sum().float() / max(1, batch * (batch - 1)),
+            "fn_recall": both / truth.sum().float(),        # 0/0 = NaN: no false negative in the batch
+            "fn_precision": both / suppressed.sum().float()}
 
 
 LOSSES: dict[str, type[ContrastiveLoss]] = {}

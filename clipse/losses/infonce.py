@@ -23,11 +23,12 @@ class InfoNCE(ContrastiveLoss):
         aff = affinity(image_emb, text_emb)
         return weighted_infonce(image_emb, text_emb, scale), weight_stats(torch.ones_like(aff), aff)
 
-    def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale, with_stats: bool = True) -> LossResult:
+    def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale, with_stats: bool = True,
+                false_negatives: torch.Tensor | None = None) -> LossResult:
         """Without statistics, no affinity: InfoNCE needs none (a subclass that redefines
         ``__call__`` has it called at every step, as any loss)."""
         if with_stats or type(self).__call__ is not InfoNCE.__call__:
-            return self(image_emb, text_emb, scale)
+            return super().compute(image_emb, text_emb, scale, with_stats, false_negatives)
         return weighted_infonce(image_emb, text_emb, scale), {}
 
 

@@ -7,11 +7,11 @@ import dataclasses
 
 import torch
 
-from clipse.losses.base import ContrastiveLoss, LossResult, loss_param
+from clipse.losses.base import SUPPRESSED_BELOW, ContrastiveLoss, LossResult, loss_param
 from clipse.losses.weighted import weighted_infonce
 
-# Statistic thresholds (docs/losses.md): a negative is "suppressed" below 0.9, "emphasised" above 1.1.
-SUPPRESSED_BELOW = 0.9
+# Statistic thresholds (docs/losses.md): a negative is "suppressed" below 0.9 (SUPPRESSED_BELOW),
+# "emphasised" above 1.1.
 EMPHASISED_ABOVE = 1.1
 BAND_COVERED_ABOVE = 0.5
 
@@ -107,3 +107,6 @@ class SanwLoss(ContrastiveLoss):
         raw, band = self.raw_weights(aff)
         weights = mass_preserving(raw)
         return weighted_infonce(image_emb, text_emb, scale, weights), weight_stats(weights, aff, band)
+
+    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        return mass_preserving(self.raw_weights(affinity(image_emb, text_emb, self.rho))[0])

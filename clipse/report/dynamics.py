@@ -23,6 +23,11 @@ STEP_PANELS = [("loss", "training loss"), ("temperature", "temperature (1/scale)
                ("weight_std", "SANW weight std (0 = InfoNCE)"), ("share_suppressed", "share of negatives w < 0.9"),
                ("share_emphasised", "share of negatives w > 1.1")]
 EPOCH_PANELS = [("val_i2t_r1", "val image->text R@1"), ("val_t2i_r1", "val text->image R@1")]
+# Shown where the data knows its true false negatives (generated data).
+TRUTH_STEP_PANELS = [("fn_share", "share of negatives truly matching (FN)"),
+                     ("fn_recall", "FN recall: true FN weighted w < 0.9"),
+                     ("fn_precision", "FN precision: w < 0.9 that are true FN")]
+TRUTH_EPOCH_PANELS = [("val_mp_t2i_r1", "val multi-positive text->image R@1")]
 
 
 def read_run(run_dir: Path, label: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -49,8 +54,9 @@ def plot_runs(runs: list[tuple[Path, str]], out: Path, title: str = "", panels: 
     frames = [read_run(run_dir, label) for run_dir, label in runs]
     steps = pd.concat([f[0] for f in frames], ignore_index=True)
     epochs = pd.concat([f[1] for f in frames], ignore_index=True)
-    chosen = [(steps, "step", key, name) for key, name in STEP_PANELS] + \
-             [(epochs, "epoch", key, name) for key, name in EPOCH_PANELS]
+    known = "fn_share" in steps
+    chosen = [(steps, "step", key, name) for key, name in STEP_PANELS + (TRUTH_STEP_PANELS if known else [])] + \
+             [(epochs, "epoch", key, name) for key, name in EPOCH_PANELS + (TRUTH_EPOCH_PANELS if known else [])]
     if panels is not None:
         chosen = [p for p in chosen if p[2] in panels]
     columns = min(4, len(chosen))

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from clipse.errors import UserError
-from clipse.metrics import METRIC_KEYS, RetrievalRanks, resampled_metrics
+from clipse.metrics import METRIC_KEYS, MP_METRIC_KEYS, RetrievalRanks, resampled_metrics
 from clipse.run_folder import RunFolder
 
 CONFIDENCE = 0.95
@@ -145,7 +145,7 @@ def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2
             interval = paired_bootstrap(config_ranks, baseline_ranks, resamples)
             images_var = image_variance(config_ranks, baseline_ranks, resamples)
             n_images = len(config_ranks[0].i2t_best_rank)
-        for key in METRIC_KEYS:
+        for key in METRIC_KEYS + tuple(key for key in MP_METRIC_KEYS if f"test_{key}" in runs):
             values = group[f"test_{key}"].astype(float)
             row = {"label": label, "metric": key, "mean": values.mean(),
                    "std": values.std(ddof=1) if len(values) > 1 else 0.0, "n": len(values)}

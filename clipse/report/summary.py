@@ -28,6 +28,11 @@ from clipse.run_folder import RunFolder  # noqa: E402
 from clipse.tables import markdown_table  # noqa: E402
 
 HEADLINE = ["r1_mean", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "rsum", "i2t_map10", "t2i_map10", "i2t_mr", "t2i_mr"]
+MULTI_POSITIVE_HEADLINE = ["mp_i2t_r1", "mp_t2i_r1", "mp_i2t_r5", "mp_t2i_r5"]  # data with ground truth only
+
+
+def headline(summary: pd.DataFrame) -> list[str]:
+    return HEADLINE + [key for key in MULTI_POSITIVE_HEADLINE if key in set(summary["metric"])]
 
 
 @dataclass
@@ -68,18 +73,23 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: 
     def fmt(key, value):
         return f"{value:.2f}" if key.endswith("_mr") else f"{100 * value:.2f}"
 
+    shown = headline(summary)
     table_rows = []
     for label, group in summary.groupby("label", sort=False):
         by = group.set_index("metric")
         row = {"configuration": label, "seeds": int(by.loc["r1_mean", "n"])}
-        for key in HEADLINE:
+        for key in shown:
             row[key] = f"{fmt(key, by.loc[key, 'mean'])} ± {fmt(key, by.loc[key, 'std'])}"
         weights = runs.loc[runs["label"] == label, "train_weight_std"] if "train_weight_std" in runs else None
         row["SANW w std"] = f"{weights.mean():.4f}" if weights is not None else ""
         table_rows.append(row)
     lines = [intro, "", "Recalls and mAP@10 in percent (mean ± std over seeds); MR in ranks. "
              "`SANW w std`: mean spread of the negative weights in the last training epoch (0 = plain InfoNCE).",
-             "", markdown_table(table_rows, ["configuration", "seeds", *HEADLINE, "SANW w std"])]
+             "", markdown_table(table_rows, ["configuration", "seeds", *shown, "SANW w std"])]
+    if len(shown) > len(HEADLINE):
+        lines += ["", "`mp_*`: multi-positive recalls, where the data knows which captions truly describe which "
+                  "images: a hit is any truly describing caption (i2t) or truly described image (t2i)."]
+    lines += [f"\n**Warning:** `{label}` {text}" for label, text in uniform_weight_warnings(runs).items()]
     if baseline_label and "diff" in summary:
         lines += ["", f"Against the baseline `{baseline_label}`: difference of means, {int(CONFIDENCE * 100)}% "
                   "interval from a paired bootstrap over test images and seeds (none for MR).", ""]
@@ -87,21 +97,38 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: 
         for label, group in summary[summary["label"] != baseline_label].groupby("label", sort=False):
             by = group.set_index("metric")
             row = {"configuration": label}
-            for key in HEADLINE:
+            for key in shown:
                 d = by.loc[key]
                 interval = (f" [{fmt(key, d['ci_low'])}, {fmt(key, d['ci_high'])}]"
                             if np.isfinite(d.get("ci_low", np.nan)) else "")
                 row[key] = f"{'+' if d['diff'] >= 0 else ''}{fmt(key, d['diff'])}{interval}"
             row["R@1 mean verdict"] = verdict(by.loc["r1_mean"], "r1_mean")
             diff_rows.append(row)
-        lines.append(markdown_table(diff_rows, ["configuration", *HEADLINE, "R@1 mean verdict"]))
+        lines.append(markdown_table(diff_rows, ["configuration", *shown, "R@1 mean verdict"]))
         lines += power_markdown(summary, baseline_label)
     return "\n".join(lines) + "\n"
 
 
+UNIFORM_WEIGHTS = 0.01  # weights that never leave 1 ± this trained as plain InfoNCE
+
+
+def uniform_weight_warnings(runs: pd.DataFrame) -> dict[str, str]:
+    """SANW configurations whose negative weights stayed within 1% of 1 in the last training epoch
+    (the epoch means of each step's smallest and largest weight, averaged over seeds)."""
+    if not {"train_weight_min", "train_weight_max"} <= set(runs):
+        return {}
+    warnings = {}
+    for label, group in runs[runs["loss"] != "infonce"].groupby("label", sort=False):
+        low, high = group["train_weight_min"].mean(), group["train_weight_max"].mean()
+        if 1 - UNIFORM_WEIGHTS <= low and high <= 1 + UNIFORM_WEIGHTS:
+            warnings[label] = (f"is {group['loss'].iloc[0]}, but its negative weights stayed within 1% of 1 (smallest "
+                               f"{low:.4f}, largest {high:.4f}): it trained as plain InfoNCE would.")
+    return warnings
+
+
 def power_markdown(summary: pd.DataFrame, baseline_label: str) -> list[str]:
     """The power section: minimum detectable differences, and what a one-point effect needs."""
-    shown = [key for key in HEADLINE if not key.endswith("_mr")]
+    shown = [key for key in headline(summary) if not key.endswith("_mr")]
     lines = ["", f"Power: the smallest difference each comparison detects with {int(POWER * 100)}% power at "
              f"two-sided alpha {ALPHA} (MDE, in points), from the observed spread of the paired per-seed "
              "differences and the test images' bootstrap variance; then what detecting a 1-point difference "
