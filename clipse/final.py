@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,20 +33,18 @@ from optuna.trial import TrialState
 
 from clipse.config import STUDY_TRACKING_KEYS, TrainConfig, add_config_arguments, config_overrides
 from clipse.errors import UserError, cli_main, configure_logging
-from clipse.executors import DONE, LOST, ExecutorOptions, Task, executor_from_options, for_training
+from clipse.confirm import confirmed_ranking, confirmed_row
+from clipse.executors import ExecutorOptions
+from clipse.planned_runs import PlannedRun, train_planned
 from clipse.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
-from clipse.progress import format_duration
 from clipse.report.dynamics import plot_runs
 from clipse.report.search_plots import plot_search
 from clipse.report.statistics import summary_verdicts
 from clipse.report.summary import RunRecord, write_report
-from clipse.run_folder import RunFolder
-from clipse.spaces import SearchSpace
-from clipse.study import is_rdb_url, open_storage, ranked_trials, secure_storage, stored_settings, study_names
+from clipse.study import (is_rdb_url, open_storage, ranked_trials, secure_storage, stored_settings, study_names,
+                          trial_settings)
 from clipse.trackers.study_record import open_study_record
-from clipse.train import train
-from clipse.workload import Workload, run_workload
 
 BASELINE_LABEL = "baseline"
 
@@ -81,27 +77,6 @@ class FinalResult:
     interrupted: bool = False
 
 
-@dataclass
-class PlannedRun:
-    label: str
-    seed: int
-    config: TrainConfig
-
-    @property
-    def folder(self) -> RunFolder:
-        return RunFolder(self.config.run_dir)
-
-    @property
-    def name(self) -> str:
-        return f"{self.label}-seed{self.seed}"
-
-
-def run_final_task(config_mapping: dict) -> dict:
-    """What an executor runs: one training run (resumed if it was interrupted)."""
-    result = train(TrainConfig.from_mapping(config_mapping, "final run"))
-    return dataclasses.asdict(result)
-
-
 def find_study(name: str, studies_dir: Path, storage: str | None) -> optuna.Study | None:
     """The study, or None when it does not exist; ``storage`` None means its own journal file."""
     journal = StudyFolder.of(studies_dir, name).journal
@@ -126,24 +101,26 @@ def open_study(name: str, studies_dir: Path, storage: str | None) -> optuna.Stud
 
 def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     """The k best completed trials; with several objectives, k trials of the Pareto front (by
-    the mean of the objectives), or the whole front when it is smaller."""
+    the mean of the objectives), or the whole front when it is smaller. Trials a search
+    confirmed with further seeds (``clipse.confirm``) come first, by their confirmed mean."""
     ranked = ranked_trials(study)
     if not ranked:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         raise UserError(f"study '{study.study_name}' has no completed trial yet" if not complete else
                         f"study '{study.study_name}': none of its {len(complete)} completed trials is feasible (their "
                         "SANW weights spread less than the study's min weight std)")
+    confirmed = confirmed_ranking(study)
+    by_number = {t.number: t for t in ranked}
+    ranked = [by_number[n] for n in confirmed if n in by_number] + [t for t in ranked if t.number not in confirmed]
     return ranked[:k]
 
 
-def describe_values(metrics: list[str], trial: optuna.trial.FrozenTrial) -> str:
-    return ", ".join(f"{metric} {value:.4f}" for metric, value in zip(metrics, trial.values))
-
-
-def trial_settings(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
-    """What the search chose for a trial: the space's fixed settings and the sampled ones."""
-    space = SearchSpace.from_dict(stored_settings(study).space_definition)
-    return {**space.fixed, **trial.params}
+def describe_values(metrics: list[str], trial: optuna.trial.FrozenTrial, study: optuna.Study | None = None) -> str:
+    text = ", ".join(f"{metric} {value:.4f}" for metric, value in zip(metrics, trial.values))
+    confirmed = confirmed_row(study, trial.number) if study is not None else None
+    if confirmed:
+        text += f"; confirmed mean {confirmed['mean']:.4f} over {len(confirmed['values'])} seeds"
+    return text
 
 
 def choose_baseline(options: FinalOptions, storage: str | None, best: dict, best_label: str) -> tuple[dict, str]:
@@ -180,7 +157,7 @@ def plan_runs(options: FinalOptions, storage: str | None, study: optuna.Study, f
                 **({} if settings.multi_objective else {"select_metric": settings.metric}),
                 run_dir=str(folder.final_run(label, seed))).validate()))
     lines = [f"# Final evaluation of study '{study.study_name}'", "",
-             "- configurations: " + "; ".join(f"`{label}` ({describe_values(settings.metrics, t)}, loss {c['loss']})"
+             "- configurations: " + "; ".join(f"`{label}` ({describe_values(settings.metrics, t, study)}, loss {c['loss']})"
                                               for label, c, t in chosen)
              + (f" (the Pareto front of {', '.join(settings.metrics)}"
                 + (f"; it holds {len(chosen)} of the {options.top_k} asked for)" if len(chosen) < options.top_k else ")")
@@ -189,54 +166,6 @@ def plan_runs(options: FinalOptions, storage: str | None, study: optuna.Study, f
              f"- seeds {', '.join(str(s) for s in range(options.seeds))}; {epochs} epochs per run; each run's best "
              f"validation epoch ({runs[0].config.select_metric}) is evaluated on the test split"]
     return runs, "\n".join(lines)
-
-
-def finished(run: PlannedRun) -> bool:
-    """A run that completed with test results and exactly this configuration."""
-    result = run.folder.result()
-    if result is None:
-        return False
-    changed = run.folder.config_differences(run.config)
-    if changed:
-        raise UserError(f"{run.folder.path} was trained with other settings ({'; '.join(changed)}); delete it or "
-                        "keep the earlier settings")
-    return result.status == "completed" and bool(result.test_metrics)
-
-
-class RunWorkload(Workload):
-    """Train every planned run; a run whose worker died is retried from its checkpoint."""
-
-    def __init__(self, runs: list[PlannedRun], execution: ExecutorOptions, label: str):
-        self.queue, self.execution, self.label = list(runs), execution, label
-        self.planned = {r.name: r for r in runs}
-        self.total, self.done, self.started = len(runs), 0, time.time()
-        self.attempts: dict[str, int] = {}
-        self.problems: list[str] = []   # failed or lost: a re-run retries them
-        self.diverged: list[str] = []   # a re-run would diverge again
-
-    def wanted(self, room: int, outstanding: int) -> list[Task]:
-        batch, self.queue = self.queue[:room], self.queue[room:]
-        for run in batch:
-            self.attempts[run.name] = self.attempts.get(run.name, 0) + 1
-        return [Task(run_final_task, (r.config.to_mapping(),), r.name, self.execution.resources) for r in batch]
-
-    def finished(self, task: Task) -> None:
-        if task.state == LOST and self.attempts[task.label] <= self.execution.max_retries:
-            print(f"[{self.label}] {task.label}: {task.error}; retrying from its checkpoint", file=sys.stderr)
-            self.queue.append(self.planned[task.label])
-            return
-        self.done += 1
-        eta = (time.time() - self.started) / self.done * (self.total - self.done)
-        status = task.result["status"] if task.state == DONE else f"{task.state}: {task.error}"
-        print(f"[{self.label}] {self.done}/{self.total} runs done ({task.label}: {status}) | "
-              f"{format_duration(time.time() - self.started)} elapsed | ETA {format_duration(eta)}", file=sys.stderr)
-        if task.state == DONE and task.result["status"] == "diverged":
-            self.diverged.append(task.label)
-        elif task.state != DONE or task.result["status"] != "completed":
-            self.problems.append(f"{task.label} ({status})")
-
-    def complete(self) -> bool:
-        return not self.queue
 
 
 def run_final(options: FinalOptions) -> FinalResult:
@@ -253,22 +182,9 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
     TrainConfig.from_mapping(options.tracking, "tracking settings").validate()
     record = open_study_record(options.tracking, folder.registry, options.study, folder.path)
     runs, intro = plan_runs(options, storage, study, folder, record.run_settings)
-    label = f"final {options.study}"
-    todo = [r for r in runs if not finished(r)]
-    print(f"[{label}] {len(runs) - len(todo)} of {len(runs)} runs already finished; training {len(todo)}",
-          file=sys.stderr)
-    if todo:
-        execution = for_training(options.execution, todo[0].config)  # the runs share the study's base settings
-        executor = executor_from_options(execution, folder.final_slurm, job_name=f"{options.study}-final")
-        workload = RunWorkload(todo, execution, label)
-        if run_workload(executor, workload).interrupted:
-            return FinalResult(options.study, storage, folder.final, {}, [], {}, interrupted=True)
-        if workload.diverged:
-            raise UserError(f"runs diverged (a non-finite loss): {', '.join(workload.diverged)}; those settings do not "
-                            "train with those seeds, and a re-run would diverge again")
-        if workload.problems:
-            raise UserError(f"some runs did not complete: {', '.join(workload.problems)}; their folders are under "
-                            f"{folder.final_runs}; re-run the same command to retry them")
+    if not train_planned(runs, options.execution, folder.final_slurm, f"{options.study}-final",
+                         f"final {options.study}", folder.final_runs):
+        return FinalResult(options.study, storage, folder.final, {}, [], {}, interrupted=True)
 
     records = [RunRecord(r.folder.path, r.label, r.seed) for r in runs]
     files = write_report(records, BASELINE_LABEL, folder.final, intro, options.resamples)

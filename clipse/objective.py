@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
@@ -31,12 +32,12 @@ from clipse.config import TrainConfig
 from clipse.errors import RankLost, UserError, is_storage_full
 from clipse.executors import worker_environment
 from clipse.paths import StudyFolder
-from clipse.run_folder import RunFolder
 from clipse.spaces import SearchSpace
 from clipse.study import (HEARTBEAT_INTERVAL_S, OWNER_ATTR, RUN_DIR_ATTR, WEIGHT_CONSTRAINT, Heartbeat, StudySettings,
                           count_trials, load_study, retried_numbers, retry_lost_trial, stored_settings, take_back)
 from clipse.trackers import tracking_problems
-from clipse.train import EpochReport, train
+from clipse.run_folder import RunFolder, TrainResult
+from clipse.train import PAUSE, EpochReport, train
 
 DIVERGED_VALUE = 0.0
 log = logging.getLogger(__name__)
@@ -86,26 +87,92 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, settings: 
         trial.set_user_attr("rejected", str(exc))
         raise optuna.TrialPruned(str(exc)) from None
 
-    def report(epoch: EpochReport) -> bool:
-        trial.report(epoch.metrics[metrics[0]], step=epoch.epoch)
-        return trial.should_prune()
+    if settings.seeds_per_trial > 1:
+        results, status = train_seeds(trial, config, settings.seeds_per_trial, metrics)
+    else:
+        def report(epoch: EpochReport) -> bool:
+            trial.report(epoch.metrics[metrics[0]], step=epoch.epoch)
+            return trial.should_prune()
 
-    result = train(config, [report] if len(metrics) == 1 else [])
-    trial.set_user_attr("status", result.status)
-    trial.set_user_attr("epochs_done", result.epochs_done)
-    trial.set_user_attr("seconds", round(result.seconds, 2))
-    for key, value in {**result.best_metrics, **{f"weights_{k}": v for k, v in result.weight_stats.items()}}.items():
+        results = [train(config, [report] if len(metrics) == 1 else [])]
+        status = results[0].status
+    trial.set_user_attr("status", status)
+    trial.set_user_attr("epochs_done", min(r.epochs_done for r in results))
+    trial.set_user_attr("seconds", round(sum(r.seconds for r in results), 2))
+    best_metrics = _mean_of([r.best_metrics for r in results])
+    weight_stats = _mean_of([r.weight_stats for r in results])
+    for key, value in {**best_metrics, **{f"weights_{k}": v for k, v in weight_stats.items()}}.items():
         trial.set_user_attr(key, value if math.isfinite(value) else None)
     if settings.min_weight_std > 0:  # Optuna's constraint: never the best, and TPE, GP, NSGA-II avoid such points
-        trial.set_constraint(WEIGHT_CONSTRAINT, settings.weight_shortfall(result.weight_stats.get("weight_std")))
-    _attach_artifacts(trial, ref, RunFolder(run_dir))
-    if result.status == "stopped":
-        raise optuna.TrialPruned(f"pruned after epoch {result.epochs_done}")
-    if result.status == "diverged":
-        trial.set_user_attr("diverged_step", result.diverged_step)
-    if len(metrics) > 1:  # each objective at the checkpoint's epoch
-        return [result.best_metrics.get(m, DIVERGED_VALUE) for m in metrics]
+        trial.set_constraint(WEIGHT_CONSTRAINT, settings.weight_shortfall(weight_stats.get("weight_std")))
+    for result in results:
+        _attach_artifacts(trial, ref, RunFolder(result.run_dir))
+    if status == "stopped":
+        raise optuna.TrialPruned(f"pruned after epoch {min(r.epochs_done for r in results)}")
+    if status == "diverged":
+        trial.set_user_attr("diverged_step", next(r.diverged_step for r in results if r.status == "diverged"))
+    if len(metrics) > 1:  # each objective at the checkpoint's epoch (per seed), averaged over seeds
+        return [float(np.mean([r.best_metrics.get(m, DIVERGED_VALUE) for r in results])) for m in metrics]
+    return float(np.mean([seed_value(r) for r in results]))
+
+
+def seed_value(result: TrainResult) -> float:
+    """What one run contributes to its trial: its best epoch's value (0 if it never had one)."""
     return result.best_value if math.isfinite(result.best_value) else DIVERGED_VALUE
+
+
+def _mean_of(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean over the seeds that have the key (NaN stays NaN)."""
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return {key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}
+
+
+def train_seeds(trial: optuna.Trial, config: TrainConfig, count: int,
+                metrics: list[str]) -> tuple[list[TrainResult], str]:
+    """``--seeds-per-trial``: the trial's parameters trained with ``count`` seeds (the study's seed,
+    then the next ones), each in ``<trial run folder>/seed-<seed>``, epoch by epoch in lockstep:
+    every seed trains an epoch (pausing after it), then the mean over seeds of that epoch's
+    metric goes to the pruner. A seed that diverged counts with its best value so far. Every
+    call resumes, so a retried trial continues each seed from its last checkpoint. The seeds,
+    their run folders and values are kept in the trial's ``seeds`` user attr."""
+    configs = [config.replace(seed=config.seed + k, run_dir=str(Path(config.run_dir) / f"seed-{config.seed + k}"),
+                              resume=True) for k in range(count)]
+    # A retried trial: finished seeds are done; a paused one may be ahead of the others (it is
+    # not trained again until they catch up).
+    results: list[TrainResult | None] = [RunFolder(c.run_dir).result() for c in configs]
+    status = "completed"
+    for epoch in range(1, config.epochs + 1):
+        for k, seed_config in enumerate(configs):
+            behind = len(RunFolder(seed_config.run_dir).epoch_rows()) < epoch
+            if behind and (results[k] is None or results[k].status == "paused"):
+                results[k] = train(seed_config, [_pause_after(epoch, config.epochs)])
+        if len(metrics) == 1:
+            trial.report(float(np.mean([_value_at(r, c, epoch, metrics[0]) for r, c in zip(results, configs)])),
+                         step=epoch)
+            if trial.should_prune():
+                status = "stopped"
+                break
+    else:  # every seed to its end (a seed that was ahead has not returned its result yet)
+        results = [r if r is not None and r.status != "paused" else train(c, []) for r, c in zip(results, configs)]
+    trial.set_user_attr("seeds", [{"seed": c.seed, "run_dir": c.run_dir, "status": r.status if r else "paused",
+                                   "value": seed_value(r) if r else None} for c, r in zip(configs, results)])
+    if status == "stopped":
+        return [r for r in results if r is not None], status
+    if any(r.status == "diverged" for r in results):
+        status = "diverged"
+    return results, status
+
+
+def _pause_after(epoch: int, epochs: int):
+    return lambda report: PAUSE if report.epoch >= epoch and report.epoch < epochs else None
+
+
+def _value_at(result: TrainResult | None, config: TrainConfig, epoch: int, metric: str) -> float:
+    """A seed's ``metric`` after ``epoch`` (from its epochs.csv); its best value when it diverged before."""
+    rows = [row for row in RunFolder(config.run_dir).epoch_rows() if int(row["epoch"]) == epoch]
+    if rows:
+        return float(rows[0][metric])
+    return seed_value(result)
 
 
 def _attach_artifacts(trial: optuna.Trial, ref: StudyRef, run: RunFolder) -> None:

@@ -41,6 +41,7 @@ class StudyFolder:
     journal = property(lambda self: self.path / "journal.log")
     artifacts = property(lambda self: self.path / "artifacts")
     slurm = property(lambda self: self.path / "slurm")
+    confirm = property(lambda self: self.path / "confirm")
     final = property(lambda self: self.path / "final")
     final_runs = property(lambda self: self.final / "runs")
     final_slurm = property(lambda self: self.final / "slurm")
@@ -51,6 +52,9 @@ class StudyFolder:
 
     def trial_run(self, number: int) -> Path:
         return self.path / "runs" / f"trial-{number:05d}"
+
+    def confirm_run(self, number: int, seed: int) -> Path:
+        return self.confirm / "runs" / f"trial-{number:05d}-seed{seed}"
 
     def final_run(self, label: str, seed: int) -> Path:
         return self.final_runs / f"{label}-seed{seed}"

@@ -49,7 +49,7 @@ RESUME_FREE_KEYS = frozenset({"resume", "progress", "threads", "device", "regist
 class TrainResult:
     run_id: str
     run_dir: str
-    status: str                              # completed | stopped | diverged
+    status: str                              # completed | stopped | diverged | paused (never saved)
     epochs_done: int
     best_epoch: int
     best_value: float                        # of config.select_metric; -inf before any epoch

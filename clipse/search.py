@@ -28,6 +28,7 @@ from typing import Any
 
 import optuna
 
+from clipse.confirm import confirm_best
 from clipse.config import (DATA_KEYS, MODEL_KEYS, SELECT_METRICS, STUDY_TRACKING_KEYS, TrainConfig,
                            add_config_arguments, config_overrides, read_yaml_document)
 from clipse.errors import UserError, cli_main, configure_logging
@@ -48,7 +49,7 @@ from clipse.workload import Workload, run_workload
 # Training settings a search may fix for all its trials (the space chooses the rest).
 TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "precision", "nproc", "micro_batch")
 # Settings stored with a study that a resumed search may only repeat, not change.
-STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed", "min_weight_std")
+STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed", "min_weight_std", "seeds_per_trial")
 MAX_TASK_ERRORS = 3
 
 
@@ -78,6 +79,13 @@ class SearchOptions:
         None, "completed trials whose SANW weights spread less than this in their last epoch (the std of the "
         "negative weights) are infeasible (Optuna's trial constraints): never the best, and TPE, GP and NSGA-II "
         "sample away from them; 0 turns it off", shown_default="the space's min_weight_std, else 0")
+    seeds_per_trial: int | None = setting(
+        None, "train every trial with this many seeds (the study's seed and the next ones), epoch by epoch; the "
+        "pruner sees each epoch's mean over them and the trial's value is the mean of their best epochs",
+        shown_default=default_of_setting("seeds_per_trial"))
+    confirm_top: int = setting(0, "after the trials, train the K best again with --confirm-seeds further seeds; "
+                               "the best mean over all its seeds is the confirmed best (clipse.final takes it)")
+    confirm_seeds: int = setting(2, "seeds of each confirmation (--confirm-top)")
     enqueue: str | None = setting(None, "parameter sets the first trials use: a YAML file holding a list of mappings, "
                                   "or 'defaults' (the documented defaults of the space's settings); added once")
     heartbeat_grace: float | None = setting(
@@ -102,6 +110,7 @@ class SearchResult:
     total: int                   # the study's trial total (--trials, or the grid size when smaller)
     top: list[dict[str, Any]]    # the best completed trials, best first: trial, value (or each metric's value
                                  # with several objectives: the Pareto front), epochs, w_std, params
+    confirmed: dict[str, Any] | None = None  # --confirm-top: clipse.confirm.CONFIRMED_ATTR's record
     interrupted: bool = False
     left_running: bool = False   # interrupted with --detach: the jobs (and their trials) run on
 
@@ -245,6 +254,10 @@ def run_search(options: SearchOptions) -> SearchResult:
         raise UserError("--heartbeat-grace must be positive")
     if options.min_weight_std is not None:
         check_min_weight_std(options.min_weight_std, "--min-weight-std")
+    if options.seeds_per_trial is not None:
+        check_at_least(options, 1, "seeds_per_trial")
+    check_at_least(options, 0, "confirm_top")
+    check_at_least(options, 1, "confirm_seeds")
     space = load_space(options.space)
     name = options.study or space.name
     folder = StudyFolder.of(options.studies_dir, name)
@@ -259,6 +272,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
     if name in study_names(backend):
         existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
     settings = resolve_settings(options, existing, space, name)
+    if options.confirm_top and settings.multi_objective:
+        raise UserError("--confirm-top: a study of several objectives has a Pareto front, not one best to confirm")
     points = warm_start_points(space, options.enqueue, settings.sampler) if options.enqueue else []
     execution = for_training(options.execution, settings.base_config())
     executor = executor_from_options(execution, folder.slurm, job_name=name)
@@ -283,7 +298,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
     print(f"study '{name}' ({'resumed, ' + str(counts.finished) + ' trials finished' if existing else 'new'}) "
           f"in {storage}\nspace {space.name}: {', '.join(space.params)} | {objective} | "
           f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | "
-          + (f"min weight std {settings.min_weight_std:g} | " if settings.min_weight_std else "") + "executor "
+          + (f"min weight std {settings.min_weight_std:g} | " if settings.min_weight_std else "")
+          + (f"{settings.seeds_per_trial} seeds per trial | " if settings.seeds_per_trial > 1 else "") + "executor "
           f"{options.execution.backend}{workers}" + (f" | {enqueued} trial(s) enqueued" if enqueued else ""),
           file=sys.stderr)
     grace = executor.heartbeat_grace_s if options.heartbeat_grace is None else options.heartbeat_grace
@@ -294,13 +310,19 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
     except BaseException:
         record.close("FAILED")
         raise
+    confirmed = None
+    if options.confirm_top and not end.interrupted and count_trials(study).finished >= total:
+        confirmed = confirm_best(study, folder, options.confirm_top, options.confirm_seeds, options.execution,
+                                 record.run_settings)
+        end.interrupted = confirmed is None
     counts = count_trials(study)
     summary = {"pareto_front": counts.front} if settings.multi_objective else (
         {"best_value": counts.best_value} if counts.best_value is not None else {})
     record.close("FINISHED" if counts.finished >= total else "KILLED",
                  {"trials_complete": counts.complete, **summary})
     return SearchResult(study=name, storage=storage, study_dir=folder.path, counts=counts,
-                        metrics=settings.metrics, total=total, top=top_trials(study), interrupted=end.interrupted, left_running=end.detached)
+                        metrics=settings.metrics, total=total, top=top_trials(study), confirmed=confirmed,
+                        interrupted=end.interrupted, left_running=end.detached)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
           else "(no feasible trial: every completed trial's SANW weights spread less than the study's min weight std)")
     if len(result.metrics) > 1 and counts.front > len(result.top):
         print(f"(the first {len(result.top)} of {counts.front} trials on the front, by the mean of the objectives)")
+    if result.confirmed:
+        rows = [{**row, "seeds": ", ".join(map(str, row["seeds"])), "values": ", ".join(f"{v:.4f}" for v in row["values"])}
+                for row in result.confirmed["trials"]]
+        print(f"\nconfirmed best: trial {result.confirmed['best']} (best mean over all its seeds; clipse.final takes "
+              f"it):\n" + markdown_table(rows, ["trial", "mean", "std", "single_seed_value", "seeds", "values"]))
     print(f"\nstudy folder: {result.study_dir}")
     print(f"watch it:     {result.dashboard_command}")
     if result.interrupted:

@@ -65,6 +65,7 @@ class StudySettings:
     startup_trials: int = 10
     pruner: str = "median"
     min_weight_std: float = 0.0  # completed trials whose SANW weights spread less are infeasible (0: off)
+    seeds_per_trial: int = 1     # training seeds of every trial; its value is their mean
     base: dict[str, Any] = field(default_factory=dict)  # training settings given on the command line
 
     def base_config(self) -> TrainConfig:
@@ -217,6 +218,12 @@ def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     if len(study.directions) > 1:
         return sorted(pareto_front(candidates), key=lambda t: (-sum(t.values) / len(t.values), t.number))
     return sorted(candidates, key=lambda t: (-t.value, t.number))
+
+
+def trial_settings(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """What the search chose for a trial: the space's fixed settings and the sampled ones."""
+    space = SearchSpace.from_dict(stored_settings(study).space_definition)
+    return {**space.fixed, **trial.params}
 
 
 def is_feasible(trial: FrozenTrial) -> bool:

@@ -1,6 +1,9 @@
 """The trainer: ``train(config, callbacks) -> TrainResult``, a plain function of a typed config.
 It knows nothing of Optuna or SLURM; callbacks see every epoch's validation metrics and may stop
-the run by returning True (that is how the search prunes). Nor does it know any loss's
+the run by returning True (that is how the search prunes), or pause it by returning ``PAUSE``:
+the run returns with status ``paused``, its checkpoint written and nothing final (no test
+evaluation, result.json or registry row), and ``resume`` continues it (a search trains several
+seeds of a trial epoch by epoch this way). Nor does it know any loss's
 parameters: it asks the config for the loss and ramps the loss's strength during a warm-up.
 
 The run folder (``clipse.run_folder``) gets its files as the run goes; checkpoints are written
@@ -53,7 +56,8 @@ class EpochReport:
     run_dir: Path
 
 
-Callback = Callable[[EpochReport], "bool | None"]
+PAUSE = "pause"
+Callback = Callable[[EpochReport], "bool | str | None"]   # True: stop; PAUSE: pause (resumable)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +124,10 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
     except BaseException as error:
         trackers.abort(error)
         raise
-    trackers.finish(result, folder)
+    if result.status == "paused":
+        trackers.pause()
+    else:
+        trackers.finish(result, folder)
     return result
 
 
@@ -177,8 +184,9 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
         start_epoch, global_step, prior_seconds = state["epoch"], state["global_step"], state["seconds"]
         best_value, best_epoch, best_metrics = state["best_value"], state["best_epoch"], state["best_metrics"]
         last_metrics, weight_means = state["last_metrics"], state["weight_stats"]
-        if ranks.main:
-            log.info("%s: resuming after epoch %d (step %d)", folder.path, start_epoch, global_step)
+        if ranks.main:  # quiet inside a search, whose seeds of a trial resume after every epoch
+            log.log(logging.INFO if config.progress else logging.DEBUG, "%s: resuming after epoch %d (step %d)",
+                    folder.path, start_epoch, global_step)
     if ranks.main:
         repaired_steps, repaired_epoch = folder.rewind(start_epoch, global_step,
                                                        state.get("rows") if state is not None else None)
@@ -252,8 +260,9 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
                 log.warning("%s: non-finite loss at step %d; the run stops as diverged", folder.path, diverged_step)
             break
         if not ranks.main:  # rank 0 evaluates, saves and decides whether to go on
-            if ranks.agree(False):
-                status = "stopped"
+            verdict = ranks.broadcast(None)
+            if verdict:
+                status = verdict
                 break
             continue
 
@@ -288,8 +297,10 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
                        f"{select_key} {last_metrics[select_key]:.4f}  (best {best_value:.4f} @ {best_epoch})  "
                        f"{epoch_row['samples_per_s']:.0f} samples/s  {epoch_row['seconds']:.1f} s", file=sys.stderr)
         report = EpochReport(epoch + 1, config.epochs, epoch_metrics, weight_means, folder.path)
-        if ranks.agree(any([bool(callback(report)) for callback in callbacks])):
-            status = "stopped"
+        wishes = [callback(report) for callback in callbacks]
+        verdict = ranks.broadcast("stopped" if any(w is True for w in wishes) else "paused" if PAUSE in wishes else None)
+        if verdict:
+            status = verdict
             break
 
     if not ranks.main:
@@ -307,8 +318,9 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
         weight_stats=weight_means, test_metrics=test_metrics, diverged_step=diverged_step,
         seconds=prior_seconds + time.perf_counter() - started,
     )
-    folder.save_result(result)
-    registry.append_row(Path(config.registry), registry.registry_row(config, result))
+    if status != "paused":
+        folder.save_result(result)
+        registry.append_row(Path(config.registry), registry.registry_row(config, result))
     return result
 
 

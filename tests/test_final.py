@@ -17,7 +17,8 @@ from analysis.summary import main as summary_main
 from clipse.report.statistics import load_ranks, paired_bootstrap
 from clipse.config import TrainConfig
 from clipse.executors import DONE, LOST, ExecutorOptions
-from clipse.final import FinalOptions, PlannedRun, RunWorkload, run_final
+from clipse.final import FinalOptions, run_final
+from clipse.planned_runs import PlannedRun, RunWorkload
 from clipse.final import main as final_main
 from clipse.metrics import METRIC_KEYS, metrics_from_ranks
 from clipse.search import SearchOptions, run_search

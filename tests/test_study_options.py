@@ -10,6 +10,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from clipse.config import TrainConfig
 from clipse.errors import UserError
 from clipse.final import FinalOptions, run_final
 from clipse.search import SearchOptions, run_search
@@ -17,7 +18,9 @@ from clipse.search import main as search_main
 from clipse.spaces import Param, SearchSpace, load_space
 from clipse.study import (WEIGHT_CONSTRAINT, StudySettings, count_trials, create_or_load, open_storage, ranked_trials, retry_lost_trial,
                           study_names)
+from clipse.run_folder import RunFolder
 from clipse.study_samplers import SAMPLERS, build_sampler, grid_size, grid_values
+from clipse.train import train
 
 from helpers import load_study
 
@@ -320,3 +323,44 @@ def test_a_search_whose_weights_never_spread_enough_has_no_best(tmp_path, steppe
         run_search(options(tmp_path, floored, 3, study="floored", min_weight_std=0.0))
     with pytest.raises(UserError, match="--min-weight-std: must be at least 0, got -1"):
         run_search(options(tmp_path, floored, 3, study="other", min_weight_std=-1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# --seeds-per-trial
+
+
+@pytest.mark.slow
+def test_a_trial_of_several_seeds_is_worth_their_mean_and_pausing_changes_no_seed(tmp_path, stepped_space):
+    result = run_search(SearchOptions(space=str(stepped_space), trials=2, studies_dir=tmp_path / "studies",
+                                      sampler="random", pruner="none", seeds_per_trial=2, seed=5,
+                                      training={**TINY_TRAINING, "epochs": 3,
+                                                "data_root": str(tmp_path.parent / "shapes-samplers")}))
+    assert result.counts.complete == 2
+    study = load_study(tmp_path, "stepped")
+    for trial in study.get_trials():
+        seeds = trial.user_attrs["seeds"]
+        assert [s["seed"] for s in seeds] == [5, 6] and all(s["status"] == "completed" for s in seeds)
+        runs = [RunFolder(Path(s["run_dir"])) for s in seeds]
+        assert [Path(s["run_dir"]).parent for s in seeds] == [Path(trial.user_attrs["run_dir"])] * 2
+        values = [run.result().best_value for run in runs]
+        assert trial.value == pytest.approx(sum(values) / 2) and [s["value"] for s in seeds] == values
+        per_epoch = [[float(row["val_r1_mean"]) for row in run.epoch_rows()] for run in runs]
+        assert [trial.intermediate_values[e] for e in (1, 2, 3)] == pytest.approx(
+            [(a + b) / 2 for a, b in zip(*per_epoch)])
+    # paused after every epoch and resumed, a seed trains exactly as one uninterrupted run
+    first = study.get_trials()[0]
+    alone = TrainConfig.from_mapping({**TINY_TRAINING, "epochs": 3, "data_root": str(tmp_path.parent / "shapes-samplers"),
+                                      "loss": "sanw_debias", **first.params, "seed": 6, "progress": False,
+                                      "run_dir": str(tmp_path / "alone"), "registry": str(tmp_path / "registry.csv")},
+                                     "test")
+    train(alone)
+    together = RunFolder(Path(first.user_attrs["seeds"][1]["run_dir"]))
+    assert [r["val_r1_mean"] for r in RunFolder(tmp_path / "alone").epoch_rows()] == \
+        [r["val_r1_mean"] for r in together.epoch_rows()]
+    assert "--seeds-per-trial 1 (study has 2)" in _conflict(tmp_path, stepped_space, seeds_per_trial=1)
+
+
+def _conflict(tmp_path, space, **changes) -> str:
+    with pytest.raises(UserError) as info:
+        run_search(options(tmp_path, space, 3, study="stepped", **changes))
+    return str(info.value)

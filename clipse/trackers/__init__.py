@@ -74,6 +74,11 @@ class TrackerGroup:
         self._each("finishing", lambda tracker: tracker.finish(result, folder))
         self._trackers.clear()
 
+    def pause(self) -> None:
+        """The run paused and will be resumed: release what each tracker holds open."""
+        self._each("pausing", lambda tracker: tracker.pause())
+        self._trackers.clear()
+
     def abort(self, error: BaseException) -> None:
         """The trainer raised: close every record as failed or interrupted, best effort (the
         trainer re-raises ``error`` afterwards)."""

@@ -57,6 +57,10 @@ class Tracker(ABC):
     def finish(self, result: TrainResult, folder: RunFolder) -> None:
         """The run ended (its result.json and registry row are written): close the record."""
 
+    def pause(self) -> None:
+        """The run paused (``clipse.train.PAUSE``) and a resume will reopen the record: release
+        what is held open, leave the record running."""
+
     @abstractmethod
     def abort(self, error: BaseException) -> None:
         """The trainer raised ``error``: close the record as failed or interrupted."""

@@ -65,5 +65,8 @@ class TensorBoardTracker(Tracker):
         self.writer.add_hparams(settings, best, run_name=".")
         self.writer.close()
 
+    def pause(self) -> None:
+        self.writer.close()
+
     def abort(self, error: BaseException) -> None:
         self.writer.close()
