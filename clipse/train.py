@@ -298,7 +298,8 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
                        f"{epoch_row['samples_per_s']:.0f} samples/s  {epoch_row['seconds']:.1f} s", file=sys.stderr)
         report = EpochReport(epoch + 1, config.epochs, epoch_metrics, weight_means, folder.path)
         wishes = [callback(report) for callback in callbacks]
-        verdict = ranks.broadcast("stopped" if any(w is True for w in wishes) else "paused" if PAUSE in wishes else None)
+        stop = any(bool(w) and not (isinstance(w, str) and w == PAUSE) for w in wishes)  # a pruner may say np.True_
+        verdict = ranks.broadcast("stopped" if stop else "paused" if PAUSE in wishes else None)
         if verdict:
             status = verdict
             break

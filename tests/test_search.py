@@ -85,7 +85,7 @@ def test_inline_search_records_everything(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_run_search_returns_what_the_study_holds(tmp_path):
-    result = run_search(options(tmp_path, "debias", 2, pruner="none"))
+    result = run_search(options(tmp_path, "debias", 2, pruner="none", min_weight_std=0.0))
     study = load_study(tmp_path, "debias")
     assert result.study == "debias" and result.storage == str(tmp_path / "studies" / "debias" / "journal.log")
     assert result.counts.complete == 2 and not result.interrupted

@@ -324,7 +324,7 @@ def test_a_study_and_its_final_report_nest_under_one_mlflow_run(tmp_path, mlflow
     training = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
                 "epochs": 2, "data_root": str(tmp_path / "shapes")}
     search = run_search(SearchOptions(space="debias", trials=2, pruner="none", studies_dir=tmp_path / "studies",
-                                      training=training, tracking=tracking,
+                                      min_weight_std=0.0, training=training, tracking=tracking,
                                       execution=ExecutorOptions(executor="local", workers=2)))
     assert search.counts.complete == 2
     run_final(FinalOptions(study="debias", seeds=1, resamples=50, studies_dir=tmp_path / "studies",
