@@ -39,8 +39,8 @@ class TrainConfig:
                                     group="data")
     image_root: str | None = setting(None, "image folder, when it is not found next to the captions", group="data")
     shapes_train_images: int = setting(1200, "synthetic dataset: training images (5 captions each)", group="data")
-    shapes_val_images: int = setting(100, "synthetic dataset: validation images", group="data")
-    shapes_test_images: int = setting(100, "synthetic dataset: test images", group="data")
+    shapes_val_images: int = setting(500, "synthetic dataset: validation images", group="data")
+    shapes_test_images: int = setting(1000, "synthetic dataset: test images", group="data")
     shapes_fn_level: str = setting("default", "synthetic dataset: how often an in-batch negative truly matches its "
                                    "caption (the mix of caption levels; docs/data.md)", choices=SHAPES_FN_LEVELS,
                                    group="data")
