@@ -34,7 +34,8 @@ def spreads(workdir: Path, space: str, args) -> list[tuple[float, float]]:
                     "--studies-dir", str(workdir / "studies")], check=True, cwd=workdir,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     study = optuna.load_study(study_name=space, storage=open_storage(str(workdir / "studies" / space / "journal.log")))
-    return [(t.user_attrs["weights_weight_std"], t.value) for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    return [(t.user_attrs["weights_weight_std"], t.value) for t in study.get_trials(states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("weights_weight_std") is not None]  # a run that diverged at once logged none
 
 
 def main() -> None:

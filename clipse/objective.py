@@ -37,7 +37,7 @@ from clipse.study import (HEARTBEAT_INTERVAL_S, OWNER_ATTR, RUN_DIR_ATTR, WEIGHT
                           count_trials, load_study, retried_numbers, retry_lost_trial, stored_settings, take_back)
 from clipse.trackers import tracking_problems
 from clipse.run_folder import RunFolder, TrainResult
-from clipse.train import PAUSE, EpochReport, train
+from clipse.train import PAUSE, EpochReport, finish_paused, train
 
 DIVERGED_VALUE = 0.0
 log = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ class StudyRef:
         return StudyFolder(Path(self.study_dir))
 
 
-def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, settings: StudySettings) -> float | list[float]:
+def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, settings: StudySettings,
+              reported: frozenset[int] = frozenset()) -> float | list[float]:
+    """``reported``: the epochs a retried trial's intermediate values hold already."""
     metrics, base = settings.metrics, settings.base_config()
     params = space.suggest(trial)
     retry_dir = trial.user_attrs.get(RUN_DIR_ATTR)
@@ -88,7 +90,9 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, settings: 
         raise optuna.TrialPruned(str(exc)) from None
 
     if settings.seeds_per_trial > 1:
-        results, status = train_seeds(trial, config, settings.seeds_per_trial, metrics)
+        results, status = train_seeds(trial, config, settings.seeds_per_trial, metrics, reported)
+        if not results:  # pruned on a retry before any seed trained again
+            raise optuna.TrialPruned("pruned")
     else:
         def report(epoch: EpochReport) -> bool:
             trial.report(epoch.metrics[metrics[0]], step=epoch.epoch)
@@ -127,14 +131,15 @@ def _mean_of(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}
 
 
-def train_seeds(trial: optuna.Trial, config: TrainConfig, count: int,
-                metrics: list[str]) -> tuple[list[TrainResult], str]:
+def train_seeds(trial: optuna.Trial, config: TrainConfig, count: int, metrics: list[str],
+                reported: frozenset[int] = frozenset()) -> tuple[list[TrainResult], str]:
     """``--seeds-per-trial``: the trial's parameters trained with ``count`` seeds (the study's seed,
     then the next ones), each in ``<trial run folder>/seed-<seed>``, epoch by epoch in lockstep:
     every seed trains an epoch (pausing after it), then the mean over seeds of that epoch's
     metric goes to the pruner. A seed that diverged counts with its best value so far. Every
-    call resumes, so a retried trial continues each seed from its last checkpoint. The seeds,
-    their run folders and values are kept in the trial's ``seeds`` user attr."""
+    call resumes, so a retried trial continues each seed from its last checkpoint (and reports
+    only the epochs its intermediate values lack). A pruned trial's seeds end as stopped runs.
+    The seeds, their run folders and values are kept in the trial's ``seeds`` user attr."""
     configs = [config.replace(seed=config.seed + k, run_dir=str(Path(config.run_dir) / f"seed-{config.seed + k}"),
                               resume=True) for k in range(count)]
     # A retried trial: finished seeds are done; a paused one may be ahead of the others (it is
@@ -146,11 +151,13 @@ def train_seeds(trial: optuna.Trial, config: TrainConfig, count: int,
             behind = len(RunFolder(seed_config.run_dir).epoch_rows()) < epoch
             if behind and (results[k] is None or results[k].status == "paused"):
                 results[k] = train(seed_config, [_pause_after(epoch, config.epochs)])
-        if len(metrics) == 1:
+        if len(metrics) == 1 and epoch not in reported:
             trial.report(float(np.mean([_value_at(r, c, epoch, metrics[0]) for r, c in zip(results, configs)])),
                          step=epoch)
             if trial.should_prune():
                 status = "stopped"
+                results = [finish_paused(c, r) if r is not None and r.status == "paused" else r
+                           for r, c in zip(results, configs)]
                 break
     else:  # every seed to its end (a seed that was ahead has not returned its result yet)
         results = [r if r is not None and r.status != "paused" else train(c, []) for r, c in zip(results, configs)]
@@ -225,7 +232,7 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
         trial.set_user_attr(key, value)
     with Heartbeat(trial, ref.heartbeat_s):
         try:
-            value = objective(trial, ref, space, settings)
+            value = objective(trial, ref, space, settings, frozenset(_frozen(study, trial.number).intermediate_values))
         except optuna.TrialPruned as pruned:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialOutcome(trial.number, "PRUNED", error=str(pruned) or None)

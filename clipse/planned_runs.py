@@ -41,9 +41,9 @@ def run_planned_task(config_mapping: dict) -> dict:
     return dataclasses.asdict(result)
 
 
-def finished(run: PlannedRun) -> bool:
-    """A run that completed (with test results where it evaluates the test split) and exactly
-    this configuration."""
+def finished(run: PlannedRun, diverged_counts: bool = False) -> bool:
+    """A run that completed (with test results where it evaluates the test split), or diverged
+    when that ``diverged_counts``, with exactly this configuration."""
     result = run.folder.result()
     if result is None:
         return False
@@ -51,6 +51,8 @@ def finished(run: PlannedRun) -> bool:
     if changed:
         raise UserError(f"{run.folder.path} was trained with other settings ({'; '.join(changed)}); delete it or "
                         "keep the earlier settings")
+    if diverged_counts and result.status == "diverged":
+        return True
     return result.status == "completed" and (bool(result.test_metrics) or not run.config.eval_test)
 
 
@@ -91,10 +93,11 @@ class RunWorkload(Workload):
 
 
 def train_planned(runs: list[PlannedRun], execution: ExecutorOptions, slurm_folder: Path, job_name: str,
-                  label: str, runs_folder: Path) -> bool:
+                  label: str, runs_folder: Path, diverged_counts: bool = False) -> bool:
     """Train the runs not finished yet, with progress on stderr; False when interrupted (Ctrl-C).
-    A diverged run or one that did not complete is one line (a re-run retries the latter)."""
-    todo = [r for r in runs if not finished(r)]
+    A run that did not complete is one line (a re-run retries it); so is a diverged one, unless
+    ``diverged_counts`` (then it is finished: a re-run would diverge again)."""
+    todo = [r for r in runs if not finished(r, diverged_counts)]
     print(f"[{label}] {len(runs) - len(todo)} of {len(runs)} runs already finished; training {len(todo)}",
           file=sys.stderr)
     if not todo:
@@ -104,7 +107,7 @@ def train_planned(runs: list[PlannedRun], execution: ExecutorOptions, slurm_fold
     workload = RunWorkload(todo, execution, label)
     if run_workload(executor, workload).interrupted:
         return False
-    if workload.diverged:
+    if workload.diverged and not diverged_counts:
         raise UserError(f"runs diverged (a non-finite loss): {', '.join(workload.diverged)}; those settings do not "
                         "train with those seeds, and a re-run would diverge again")
     if workload.problems:

@@ -304,21 +304,21 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
           file=sys.stderr)
     grace = executor.heartbeat_grace_s if options.heartbeat_grace is None else options.heartbeat_grace
     workload = TrialWorkload(study, ref, execution, grace)
+    confirmed = None
     try:
         with ProgressLine(name, total, lambda: count_trials(study)):
             end = run_workload(executor, workload)
+        if options.confirm_top and not end.interrupted and count_trials(study).finished >= total:
+            confirmed = confirm_best(study, folder, options.confirm_top, options.confirm_seeds, options.execution,
+                                     record.run_settings)
+            end.interrupted = confirmed is None
     except BaseException:
         record.close("FAILED")
         raise
-    confirmed = None
-    if options.confirm_top and not end.interrupted and count_trials(study).finished >= total:
-        confirmed = confirm_best(study, folder, options.confirm_top, options.confirm_seeds, options.execution,
-                                 record.run_settings)
-        end.interrupted = confirmed is None
     counts = count_trials(study)
     summary = {"pareto_front": counts.front} if settings.multi_objective else (
         {"best_value": counts.best_value} if counts.best_value is not None else {})
-    record.close("FINISHED" if counts.finished >= total else "KILLED",
+    record.close("FINISHED" if counts.finished >= total and not end.interrupted else "KILLED",
                  {"trials_complete": counts.complete, **summary})
     return SearchResult(study=name, storage=storage, study_dir=folder.path, counts=counts,
                         metrics=settings.metrics, total=total, top=top_trials(study), confirmed=confirmed,

@@ -117,9 +117,8 @@ class SearchSpace:
     @property
     def digest(self) -> str:
         """Identifies the space's content, so a study notices when its space file changed."""
+        # min_weight_std is left out: a study stores the value it was created with (a setting)
         content = {"fixed": self.fixed, "params": {k: vars(p) for k, p in sorted(self.params.items())}}
-        if self.min_weight_std:  # absent when off, so that older studies of unchanged spaces still match
-            content["min_weight_std"] = self.min_weight_std
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 

@@ -14,6 +14,7 @@ exactly the metrics of an uninterrupted run. A finished run appends one row to t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -128,6 +129,18 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
         trackers.pause()
     else:
         trackers.finish(result, folder)
+    return result
+
+
+def finish_paused(config: TrainConfig, paused: TrainResult) -> TrainResult:
+    """End a paused run where it is, as ``stopped`` (a search pruned it): its result.json and
+    registry row are written and its trackers' records closed, as for a run a callback stopped."""
+    result = dataclasses.replace(paused, status="stopped")
+    folder = RunFolder(config.run_dir)
+    folder.save_result(result)
+    registry.append_row(Path(config.registry), registry.registry_row(config, result))
+    trackers = open_trackers(config, folder)
+    trackers.finish(result, folder)
     return result
 
 

@@ -90,8 +90,8 @@ def test_levels_change_the_captions_not_the_images_and_order_the_false_negatives
         shares[level] = truth.float().mean().item()
     assert images["low"] == images["default"] == images["high"]
     assert shares["low"] < shares["default"] < shares["high"]
-    assert ShapesSpec(1200, 100, 100).folder_name == "shapes-v1-s0-1200-100-100"  # the default data did not move
-    assert ShapesSpec(1200, 100, 100, fn_level="high").folder_name == "shapes-v1-s0-1200-100-100-fnhigh"
+    assert ShapesSpec(1200, 500, 1000).folder_name == "shapes-v1-s0-1200-500-1000"  # the default level: no suffix
+    assert ShapesSpec(1200, 500, 1000, fn_level="high").folder_name == "shapes-v1-s0-1200-500-1000-fnhigh"
 
 
 def test_caption_truth_equals_a_plain_loop_over_facts():
@@ -184,10 +184,12 @@ def test_false_negative_statistics_on_a_hand_made_batch():
                           [0, 0, 1, 1],
                           [1, 0, 0, 1]], dtype=torch.bool)  # the diagonal is never counted
     stats = false_negative_stats(weights, truth)
-    # off-diagonal: true FN (0,1) (1,2) (2,3) (3,0); suppressed (< 0.9): (0,1) (0,3) (1,2) (3,0) (3,1)
+    # off-diagonal: true FN (0,1) (1,2) (2,3) (3,0); suppressed (< 0.9): (0,1) (0,3) (1,2) (3,0) (3,1).
+    # w[i, j] weighs image i's caption j (true: truth[i, j]) and caption i's image j (true: truth[j, i]):
+    # image->text catches (0,1) (1,2) (3,0); text->image, true at (1,0) (2,1) (3,2) (0,3), catches (0,3).
     assert stats["fn_share"].item() == pytest.approx(4 / 12)
-    assert stats["fn_recall"].item() == pytest.approx(3 / 4)      # (0,1) (1,2) (3,0)
-    assert stats["fn_precision"].item() == pytest.approx(3 / 5)
+    assert stats["fn_recall"].item() == pytest.approx((3 + 1) / (2 * 4))
+    assert stats["fn_precision"].item() == pytest.approx((3 + 1) / (2 * 5))
     flat = false_negative_stats(torch.ones(4, 4), truth)
     assert flat["fn_recall"].item() == 0 and np.isnan(flat["fn_precision"].item())
     none = false_negative_stats(weights, torch.eye(4, dtype=torch.bool))

@@ -364,3 +364,39 @@ def _conflict(tmp_path, space, **changes) -> str:
     with pytest.raises(UserError) as info:
         run_search(options(tmp_path, space, 3, study="stepped", **changes))
     return str(info.value)
+
+
+class PruningTrial:
+    """What train_seeds needs of an Optuna trial; prunes at the first epoch it is told of."""
+
+    def __init__(self):
+        self.reports, self.attrs = [], {}
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        return True
+
+    def set_user_attr(self, key, value):
+        self.attrs[key] = value
+
+
+def test_a_pruned_trial_of_several_seeds_ends_each_seed_as_a_stopped_run(tiny):
+    from clipse.objective import train_seeds
+
+    config = tiny(epochs=3)
+    trial = PruningTrial()
+    results, status = train_seeds(trial, config, 2, ["val_r1_mean"])
+    assert status == "stopped" and [step for step, _ in trial.reports] == [1]
+    assert [r.status for r in results] == ["stopped", "stopped"] and all(r.epochs_done == 1 for r in results)
+    for result in results:
+        assert RunFolder(Path(result.run_dir)).result().status == "stopped"  # result.json written
+    rows = Path(config.registry).read_text().splitlines()
+    assert len(rows) == 3  # a header and one row per seed
+    # retried with epoch 1 already reported: the pruner is asked nothing before the seeds train on
+    again = PruningTrial()
+    for result in results:
+        (Path(result.run_dir) / "result.json").unlink()   # as after a lost worker: paused, not finished
+    results, status = train_seeds(again, config, 2, ["val_r1_mean"], reported=frozenset({1}))
+    assert [step for step, _ in again.reports] == [2] and all(r.epochs_done == 2 for r in results)

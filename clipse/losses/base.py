@@ -97,15 +97,18 @@ def false_negative_stats(weights: torch.Tensor, false_negatives: torch.Tensor) -
     """Over the off-diagonal pairs of a batch: ``fn_share``, the share that are true false
     negatives; ``fn_recall``, the share of those weighted below SUPPRESSED_BELOW; ``fn_precision``,
     the share of pairs weighted below it that are true false negatives (NaN where nothing is
-    counted). 0-d tensors from masked sums, so that the step does not wait for the device."""
+    counted). ``weights[i, j]`` weighs two negatives: caption j of image i (image -> text) and
+    image j of caption i (text -> image, true when caption i describes image j); both count.
+    0-d tensors from masked sums, so that the step does not wait for the device."""
     batch = weights.shape[0]
     off = ~torch.eye(batch, dtype=torch.bool, device=weights.device)
-    truth = false_negatives.to(weights.device) & off
+    truth = false_negatives.to(weights.device) & off       # [i, j]: caption j truly describes image i
     suppressed = (weights < SUPPRESSED_BELOW) & off
-    both = (truth & suppressed).sum().float()
-    return {"fn_share": truth.sum().float() / max(1, batch * (batch - 1)),
-            "fn_recall": both / truth.sum().float(),        # 0/0 = NaN: no false negative in the batch
-            "fn_precision": both / suppressed.sum().float()}
+    true_pairs = truth.sum().float()                        # the same count in both directions
+    caught = (truth & suppressed).sum().float() + (truth.T & suppressed).sum().float()
+    return {"fn_share": true_pairs / max(1, batch * (batch - 1)),
+            "fn_recall": caught / (2 * true_pairs),          # 0/0 = NaN: no false negative in the batch
+            "fn_precision": caught / (2 * suppressed.sum().float())}
 
 
 LOSSES: dict[str, type[ContrastiveLoss]] = {}

@@ -61,10 +61,11 @@ def _resampled_differences(config_ranks: list[RetrievalRanks], baseline_ranks: l
 
     def side(ranks: list[RetrievalRanks]) -> dict[str, np.ndarray]:
         per_seed = [resampled_metrics(r, counts) for r in ranks]  # seed -> key -> (R,)
-        return {key: np.stack([m[key] for m in per_seed])[seeds, rows].mean(axis=1) for key in per_seed[0]}
+        shared = [key for key in per_seed[0] if all(key in m for m in per_seed)]
+        return {key: np.stack([m[key] for m in per_seed])[seeds, rows].mean(axis=1) for key in shared}
 
     config, baseline = side(config_ranks), side(baseline_ranks)
-    return {key: config[key] - baseline[key] for key in config}
+    return {key: config[key] - baseline[key] for key in config if key in baseline}
 
 
 def paired_bootstrap(config_ranks: list[RetrievalRanks], baseline_ranks: list[RetrievalRanks],
@@ -145,7 +146,7 @@ def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2
             interval = paired_bootstrap(config_ranks, baseline_ranks, resamples)
             images_var = image_variance(config_ranks, baseline_ranks, resamples)
             n_images = len(config_ranks[0].i2t_best_rank)
-        for key in METRIC_KEYS + tuple(key for key in MP_METRIC_KEYS if f"test_{key}" in runs):
+        for key in METRIC_KEYS + shared_multi_positive_keys(runs):
             values = group[f"test_{key}"].astype(float)
             row = {"label": label, "metric": key, "mean": values.mean(),
                    "std": values.std(ddof=1) if len(values) > 1 else 0.0, "n": len(values)}
@@ -158,10 +159,16 @@ def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2
     return pd.DataFrame(rows)
 
 
+def shared_multi_positive_keys(runs: pd.DataFrame) -> tuple[str, ...]:
+    """The multi-positive metrics every run has (runs from before they existed have none)."""
+    return tuple(key for key in MP_METRIC_KEYS if f"test_{key}" in runs and runs[f"test_{key}"].notna().all())
+
+
 def _power_columns(differences: np.ndarray, images_var: float | None, n_images: int) -> dict[str, float]:
-    if images_var is None or len(differences) < 2:
+    seed_var = float(np.var(differences, ddof=1)) if len(differences) > 1 else math.nan
+    if images_var is None or not (math.isfinite(seed_var) and math.isfinite(images_var)):  # one seed, one resample
         return {"se": np.nan, "mde": np.nan, "seeds_for_1pt": np.nan, "images_for_1pt": np.nan}
-    figures = power_figures(float(np.var(differences, ddof=1)), images_var, len(differences), n_images)
+    figures = power_figures(seed_var, images_var, len(differences), n_images)
     return {"se": figures.se, "mde": figures.mde,
             "seeds_for_1pt": figures.seeds_needed if figures.seeds_needed is not None else math.inf,
             "images_for_1pt": figures.images_needed if figures.images_needed is not None else math.inf}
