@@ -256,7 +256,8 @@ def test_a_diverged_trial_returns_its_best_value_before_the_divergence(tmp_path,
     assert list(trial.intermediate_values) == [1] and trial.value == trial.intermediate_values[1] > 0
 
 
-SLOW_TRIAL = ["--shapes-train-images", "400", "--epochs", "3"]  # long enough to be interrupted mid-trial
+SLOW_TRIAL = ["--shapes-train-images", "400", "--shapes-val-images", "100", "--shapes-test-images", "100",
+              "--epochs", "3"]  # long enough to be interrupted mid-trial
 
 
 @pytest.mark.slow

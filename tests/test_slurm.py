@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2", "--cpus-per-task", "1", "--mem-gb", "2", "--slurm-poll", "1",
         "--time-min", "20"]
-SLOW = ["--shapes-train-images", "400", "--epochs", "3", "--pruner", "none"]
+SLOW = ["--shapes-train-images", "400", "--shapes-val-images", "100", "--shapes-test-images", "100", "--epochs", "3",
+        "--pruner", "none"]
 
 
 def args_for(tmp_path, space, trials, *extra):
