@@ -18,16 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from clipse.config import TrainConfig  # noqa: E402
 from clipse.data.readers import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE  # noqa: E402
-from clipse.data.synthetic import PREFIXES, SHAPE_COLOURS, SHAPES, ShapesSpec, ensure_shapes_dataset  # noqa: E402
+from clipse.data.synthetic import SHAPE_COLOURS, SHAPES, ShapesSpec, ensure_shapes_dataset, strip_prefix  # noqa: E402
 
 SHAPE_PATTERN = re.compile(rf"\b({'|'.join(SHAPE_COLOURS)}) ({'|'.join(SHAPES)})\b")
-
-
-def strip_prefix(caption: str) -> str:
-    for prefix in sorted(PREFIXES, key=len, reverse=True):
-        if prefix and caption.startswith(prefix):
-            return caption[len(prefix):]
-    return caption
 
 
 def main() -> None:

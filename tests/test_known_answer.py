@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clipse.data import ShapesSpec, load_caption_dataset
-from clipse.data.synthetic import PREFIXES, SHAPES_FN_LEVELS, ensure_shapes_dataset
+from clipse.data.synthetic import SHAPES_FN_LEVELS, ensure_shapes_dataset, strip_prefix
 from clipse.data.truth import CaptionTruth
 from clipse.losses import LOSSES
 from clipse.losses.base import false_negative_stats
@@ -26,13 +26,6 @@ ON_BACKGROUND = re.compile(r"^an? (\w+) (\w+) on a (\w+) background$")
 SIZED = re.compile(r"^an? (small|large) (\w+) (\w+)$")
 COARSE = re.compile(r"^an? (\w+) (\w+)$")
 BACKGROUND = re.compile(r"^a (\w+) background$")
-
-
-def strip_prefix(caption: str) -> str:
-    for prefix in sorted(PREFIXES, key=len, reverse=True):
-        if prefix and caption.startswith(prefix):
-            return caption[len(prefix):]
-    return caption
 
 
 def scene_from_complete_caption(text: str) -> tuple[frozenset, str]:

@@ -54,6 +54,14 @@ SHAPES_FN_LEVELS = tuple(FN_LEVELS)
 IMAGE_NAME = re.compile(r"shapes_(\d{6})\.jpg$")
 
 
+def strip_prefix(caption: str) -> str:
+    """A caption without the filler it may start with ("a picture of ", ...)."""
+    for prefix in sorted(PREFIXES, key=len, reverse=True):
+        if prefix and caption.startswith(prefix):
+            return caption[len(prefix):]
+    return caption
+
+
 @dataclass(frozen=True)
 class ShapesSpec:
     """Sizes (in images) of the generated splits; five captions per image."""
