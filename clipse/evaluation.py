@@ -43,6 +43,6 @@ def encode_split(model: torch.nn.Module, tensors: SplitTensors, normalize: Image
 def evaluate_split(model, tensors: SplitTensors, normalize: ImageNormalizer,
                    autocast) -> tuple[dict[str, float], RetrievalRanks]:
     image_emb, text_emb = encode_split(model, tensors, normalize, autocast)
-    relevant = tensors.truth.describes() if tensors.truth is not None else None
+    relevant = tensors.truth.every_pair if tensors.truth is not None else None
     ranks = retrieval_ranks(image_emb, text_emb, tensors.caption_image, relevant)
     return metrics_from_ranks(ranks), ranks

@@ -8,6 +8,7 @@ that a batch's or a whole split's truth is one vectorised comparison.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Sequence
 
 import torch
@@ -32,6 +33,11 @@ class CaptionTruth:
                 len(coded), width)
 
         return cls(image_facts=table(images, 1), caption_facts=table(captions, 0))
+
+    @cached_property
+    def every_pair(self) -> torch.Tensor:
+        """``describes()`` of the whole split, computed once (evaluation asks every epoch)."""
+        return self.describes()
 
     def describes(self, caption_rows: torch.Tensor | None = None, image_rows: torch.Tensor | None = None
                   ) -> torch.Tensor:
