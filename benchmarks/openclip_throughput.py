@@ -1,14 +1,26 @@
 """clipse's trainer against OpenCLIP's own trainer, side by side in one run.
 
 Both train the same architecture (clipse-tiny-64: 2-layer, width-64 ViT on 64-px images) on
-the same synthetic images (as an OpenCLIP CSV for OpenCLIP), with the same batch size, fp32
-precision, learning rate and one epoch, alternating clipse / OpenCLIP for ``--rounds`` rounds.
-Throughput is the median per-step samples/s after ``--skip`` warm-up steps, as each trainer
-logs it (OpenCLIP: its "N/s" log field; clipse: ``training.csv``). OpenCLIP decodes and
-transforms JPEGs in DataLoader workers every step; clipse reads decoded uint8 tensors from
-its cache (warmed before timing; a first load's decoding is measured by data_cache.py).
+the same JPEG files (a Flickr8k folder for clipse, an OpenCLIP CSV of the same files for
+OpenCLIP), with the same batch size, fp32 precision, learning rate and one epoch, alternating
+clipse / OpenCLIP for ``--rounds`` rounds.
 
-    python benchmarks/openclip_throughput.py            # prints a table and the ratio
+The files are the synthetic training images, stored at each of ``--source-sizes``: 64x64 is
+the generator's own size, so decoding costs almost nothing; 500x375 is the size of a typical
+Flickr8k photo, so each decode costs what it does on the real data (somewhat less, since
+enlarged drawings compress better than photographs, which favours OpenCLIP). OpenCLIP decodes
+and transforms every image in its DataLoader workers at every step; clipse decodes each file
+once into its tensor cache (warmed before timing; the first load is timed by data_cache.py).
+
+Throughput is the median samples/s after ``--skip`` warm-up steps, as each trainer logs it:
+OpenCLIP per step (its "N/s" log field, logging every step); clipse per row of
+``training.csv``, at its default ``--log-every`` (a row's rate covers the steps since the last
+row, and only those rows read the device, so asking for a row every step would time a
+configuration nobody trains with; ``--clipse-log-every`` changes it). ``--compile`` adds clipse
+with ``--compile`` to the rotation (OpenCLIP stays eager); its warm-up steps include compiling.
+
+    python benchmarks/openclip_throughput.py            # prints a table and the ratios
+    python benchmarks/openclip_throughput.py --out throughput.csv   # the table as a CSV too
 """
 
 from __future__ import annotations
@@ -17,44 +29,69 @@ import argparse
 import csv
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from clipse.assembly import dataset_for  # noqa: E402
+from clipse.config import TrainConfig  # noqa: E402
+from clipse.data.readers import FLICKR8K_TOKEN_FILE  # noqa: E402
+from clipse.data.synthetic import CANVAS  # noqa: E402
+
 # OpenCLIP's trainer, with the project's architectures registered first (nothing else changes).
 OPENCLIP_LAUNCHER = "import sys, clipse.models; from open_clip_train.main import main; main(sys.argv[1:])"
+NATIVE = f"{CANVAS}x{CANVAS}"
+COMPILED = "clipse --compile"
 
 
-def write_openclip_csv(workdir: Path, train_images: int) -> Path:
-    sys.path.insert(0, str(ROOT))
-    from clipse.config import TrainConfig
-    from clipse.assembly import dataset_for
+def size_of(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
 
-    dataset = dataset_for(TrainConfig(shapes_train_images=train_images))
+
+def source_folder(workdir: Path, train_images: int, size: str) -> tuple[Path, Path]:
+    """A Flickr8k folder of the synthetic dataset with its images stored at ``size``, and an
+    OpenCLIP CSV of its training pairs."""
+    dataset = dataset_for(TrainConfig(shapes_train_images=train_images, shapes_val_images=50, shapes_test_images=50))
     split = dataset.split("train")
-    path = workdir / "train.csv"
-    with open(path, "w", newline="") as handle:
+    generated = Path(split.image_paths[0]).resolve().parent.parent
+    folder = workdir / f"flickr8k-{size}"
+    shutil.copytree(generated / "Flickr8k_text", folder / "Flickr8k_text")
+    (folder / "Flicker8k_Dataset").mkdir(parents=True)
+    names = {line.split("#")[0] for line in (folder / "Flickr8k_text" / FLICKR8K_TOKEN_FILE).read_text().splitlines()}
+    for name in sorted(names):
+        with Image.open(generated / "Flicker8k_Dataset" / name) as image:
+            image = image if size == NATIVE else image.resize(size_of(size), Image.Resampling.BICUBIC)
+            image.save(folder / "Flicker8k_Dataset" / name, quality=95)
+    csv_path = workdir / f"train-{size}.csv"
+    with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["filepath", "title"])
         for caption, row in zip(split.captions, split.caption_image):
-            writer.writerow([str(Path(split.image_paths[row]).resolve()), caption])  # OpenCLIP runs elsewhere
-    return path
+            writer.writerow([str(folder / "Flicker8k_Dataset" / Path(split.image_paths[row]).name), caption])
+    return folder, csv_path
 
 
-def run_clipse(workdir: Path, name: str, args) -> list[float]:
+def run_clipse(workdir: Path, name: str, folder: Path, args, compiled: bool = False) -> list[float]:
     run_dir = workdir / name
-    command = [sys.executable, "-m", "clipse.train", "--model", args.model, "--shapes-train-images",
-               str(args.train_images), "--epochs", "1", "--batch-size", str(args.batch_size), "--lr", "2e-3",
-               "--log-every", "1", "--no-progress", "--run-dir", str(run_dir), "--precision", args.precision,
-               "--device", args.device,
-               "--registry", str(workdir / "registry.csv")]
+    command = [sys.executable, "-m", "clipse.train", *(["--compile"] if compiled else []), "--data", "flickr8k",
+               "--data-root", str(folder),
+               "--model", args.model, "--epochs", "1", "--batch-size", str(args.batch_size), "--lr", "2e-3",
+               "--log-every", str(args.clipse_log_every), "--no-progress", "--run-dir", str(run_dir),
+               "--precision", args.precision, "--device", args.device, "--registry", str(workdir / "registry.csv")]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-    return pd.read_csv(run_dir / "training.csv")["samples_per_s"].tolist()
+    rows = pd.read_csv(run_dir / "training.csv")
+    # A row's rate covers the steps since the previous row: keep rows whose window starts after the warm-up.
+    return rows.loc[rows["step"].shift(fill_value=0) >= args.skip, "samples_per_s"].tolist()
 
 
 def run_openclip(workdir: Path, name: str, csv_path: Path, args) -> list[float]:
@@ -66,40 +103,59 @@ def run_openclip(workdir: Path, name: str, csv_path: Path, args) -> list[float]:
                "--logs", str(workdir), "--name", name, "--seed", "0"]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=workdir)
     log = (workdir / name / "out.log").read_text()
-    return [float(x) for x in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", log)]
+    return [float(x) for x in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", log)][args.skip:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="clipse-tiny-64")
     parser.add_argument("--train-images", type=int, default=2000, help="5 pairs each: 2000 -> 10k pairs")
+    parser.add_argument("--source-sizes", default=f"{NATIVE},500x375",
+                        help="comma-separated WIDTHxHEIGHT sizes the JPEG files are stored at")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="OpenCLIP DataLoader workers")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
+    parser.add_argument("--clipse-log-every", type=int, default=TrainConfig.log_every,
+                        help="clipse's --log-every (default: its default)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "amp_bf16"), help="both trainers' precision")
     parser.add_argument("--device", default="auto", help="clipse's --device (OpenCLIP uses CUDA when it has it)")
+    parser.add_argument("--compile", action="store_true", help="also time clipse with --compile")
+    parser.add_argument("--out", type=Path, help="also write the table to this CSV file")
     args = parser.parse_args()
+    sizes = args.source_sizes.split(",")
+    trainers = ["clipse", "OpenCLIP", *([COMPILED] if args.compile else [])]
+    results = []
     with tempfile.TemporaryDirectory(prefix="clipse-bench-") as tmp:
         workdir = Path(tmp)
-        csv_path = write_openclip_csv(workdir, args.train_images)
-        run_clipse(workdir, "warm-cache", args)  # decodes into the tensor cache; not timed
-        rows = []
-        for round_ in range(args.rounds):
-            for trainer in ("clipse", "openclip"):
-                name = f"{trainer}-{round_}"
-                rates = (run_clipse(workdir, name, args) if trainer == "clipse"
-                         else run_openclip(workdir, name, csv_path, args))
-                rows.append((trainer, round_, statistics.median(rates[args.skip:]), len(rates)))
-                print(f"{trainer:9} round {round_}: {rows[-1][2]:8.1f} samples/s (median of {len(rates) - args.skip} steps)",
-                      flush=True)
-    clipse_rate = statistics.median(r[2] for r in rows if r[0] == "clipse")
-    openclip_rate = statistics.median(r[2] for r in rows if r[0] == "openclip")
+        for size in sizes:
+            folder, csv_path = source_folder(workdir, args.train_images, size)
+            run_clipse(workdir, f"warm-cache-{size}", folder, args)  # decodes into the tensor cache; not timed
+            medians = {trainer: [] for trainer in trainers}
+            for round_ in range(args.rounds):
+                for trainer in trainers:
+                    name = f"{trainer.replace(' --', '-')}-{size}-{round_}"
+                    rates = (run_openclip(workdir, name, csv_path, args) if trainer == "OpenCLIP"
+                             else run_clipse(workdir, name, folder, args, compiled=trainer == COMPILED))
+                    if not rates:
+                        sys.exit(f"{trainer}: no step after the {args.skip} warm-up steps was timed; use more "
+                                 "--train-images or a smaller --skip, --clipse-log-every or --batch-size")
+                    medians[trainer].append(statistics.median(rates))
+                    unit = "steps" if trainer == "OpenCLIP" else f"rows of up to {args.clipse_log_every} steps"
+                    print(f"source {size:>8}  {trainer:16} round {round_}: {medians[trainer][-1]:8.1f} samples/s "
+                          f"(median of {len(rates)} {unit})", flush=True)
+            rates = {trainer: statistics.median(values) for trainer, values in medians.items()}
+            row = {"source images": size, **{f"{t} samples/s": round(r, 1) for t, r in rates.items()}}
+            for trainer in (t for t in trainers if t != "OpenCLIP"):
+                row[f"{trainer} / OpenCLIP"] = round(rates[trainer] / rates["OpenCLIP"], 2)
+            results.append(row)
     print(f"\nmodel {args.model}, {args.train_images * 5} pairs, batch {args.batch_size}, {args.precision}, CPU threads "
-          f"{os.cpu_count()}, OpenCLIP workers {args.workers}")
-    print(f"clipse   {clipse_rate:8.1f} samples/s")
-    print(f"OpenCLIP {openclip_rate:8.1f} samples/s")
-    print(f"ratio clipse / OpenCLIP: {clipse_rate / openclip_rate:.2f}x")
+          f"{os.cpu_count()}, OpenCLIP workers {args.workers}, clipse --log-every {args.clipse_log_every}, "
+          f"medians of {args.rounds} rounds")
+    table = pd.DataFrame(results)
+    print(table.to_string(index=False))
+    if args.out is not None:
+        table.to_csv(args.out, index=False)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,7 @@ def test_a_baseline_label_that_no_run_has_and_zero_resamples_are_refused(tmp_pat
         summarise(runs, "infonse")
     with pytest.raises(UserError, match="resamples must be at least 1, got 0"):
         summarise(runs, "infonce", resamples=0)
+    assert len(summarise(runs, "infonce", resamples=1)) == 2 * len(METRIC_KEYS)  # one resample is allowed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +278,8 @@ def test_a_one_point_effect_out_of_reach_of_seeds_or_images_alone_says_so():
     assert noisy_test_set.seeds_needed is None and noisy_test_set.images_needed is not None
     noisy_seeds = power_figures(seed_var=0.05 ** 2, image_var=1e-8, seeds=2, images=100)
     assert noisy_seeds.images_needed is None and noisy_seeds.seeds_needed > 2
-    assert power_figures(1e-8, 1e-8, 3, 100).powered
+    quiet = power_figures(1e-8, 1e-8, 3, 100)
+    assert quiet.powered and quiet.seeds_needed == 1 and quiet.images_needed == 1  # never fewer than one
 
 
 def test_the_image_variance_is_that_of_a_mean_over_resampled_images():
@@ -287,6 +289,25 @@ def test_the_image_variance_is_that_of_a_mean_over_resampled_images():
     hits = (config[0].t2i_rank == 1).astype(float) - (baseline[0].t2i_rank == 1).astype(float)
     got = image_variance(config, baseline, resamples=3000)["t2i_r1"]
     assert got == pytest.approx(np.var(hits) / 400, rel=0.1)
+
+
+def power_needed_seen(summary, runs, config, baseline) -> set:
+    """Checks the seeds and images needed for one point of every metric of the one configuration
+    against ``power_figures`` (inf: out of reach alone); returns the numbers needed (None: inf)."""
+    label = next(label for label in summary["label"].unique() if label != "baseline")
+    images_var, seen = image_variance(config, baseline, resamples=300), set()
+    for metric, row in summary[summary["label"] == label].set_index("metric").iterrows():
+        if metric.endswith("_mr"):  # no interval, no power
+            assert np.isnan(row["seeds_for_1pt"]) and np.isnan(row["images_for_1pt"])
+            continue
+        differences = (runs.loc[runs["label"] == label, f"test_{metric}"].to_numpy()
+                       - runs.loc[runs["label"] == "baseline", f"test_{metric}"].to_numpy())
+        figures = power_figures(np.var(differences, ddof=1), images_var[metric], len(differences),
+                                len(config[0].t2i_rank))
+        for column, needed in (("seeds_for_1pt", figures.seeds_needed), ("images_for_1pt", figures.images_needed)):
+            assert row[column] == (np.inf if needed is None else needed)
+            seen.add(needed)
+    return seen
 
 
 def test_the_report_gives_power_and_says_when_a_null_result_was_underpowered(tmp_path):
@@ -301,6 +322,13 @@ def test_the_report_gives_power_and_says_when_a_null_result_was_underpowered(tmp
     images_var = image_variance(same, base, resamples=300)["r1_mean"]
     expected = power_figures(np.var(differences, ddof=1), images_var, 3, 60)
     assert row["mde"] == pytest.approx(expected.mde) and row["se"] == pytest.approx(expected.se)
+    assert power_needed_seen(summary, runs, same, base) == {None}  # 60 images: one point is out of reach
+    # 4,000 images and near-identical seeds: both are within reach
+    many = [as_ranks(rng.random(4000) < 0.5) for _ in range(3)]
+    near = [as_ranks(np.where(np.arange(4000) < 5 + s, ~(r.t2i_rank == 1), r.t2i_rank == 1)) for s, r in enumerate(many)]
+    close_runs = write_runs(tmp_path / "close", {"near": near, "baseline": many})
+    seen = power_needed_seen(summarise(close_runs, "baseline", resamples=300), close_runs, near, many)
+    assert None not in seen and len(seen) >= 1
     assert row["mde"] > 0.01  # 60 test images cannot see one point
     text = summary_markdown(summary, runs.assign(train_weight_std=0.0), "baseline", "intro")
     assert "MDE r1_mean" in text

@@ -53,6 +53,7 @@ def test_the_confirmed_best_is_the_best_mean_over_all_seeds_and_final_takes_it(t
         run_search(options(tmp_path, study="two", metric="val_i2t_r1,val_t2i_r1", confirm_top=1))
 
 
+@pytest.mark.recovery
 @pytest.mark.slow
 def test_confirmation_runs_resume_after_a_kill_and_are_not_repeated(tmp_path):
     args = ["--space", "debias", "--trials", "1", "--pruner", "none", "--confirm-top", "1", "--confirm-seeds", "2",

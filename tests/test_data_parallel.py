@@ -135,6 +135,7 @@ def helper_pids(parent: int) -> list[int]:
     return found
 
 
+@pytest.mark.recovery
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_run_in_one_line_and_resume_finishes_it(tmp_path):
     args = ["--epochs", "3", "--nproc", "2", "--shapes-train-images", "300", "--shapes-val-images", "100",

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import clipse.metrics
 from clipse.data import ShapesSpec, load_caption_dataset
 from clipse.data.synthetic import SHAPES_FN_LEVELS, ensure_shapes_dataset, strip_prefix
 from clipse.data.truth import CaptionTruth
@@ -139,7 +140,9 @@ def test_multi_positive_metrics_on_a_case_worked_by_hand():
     assert set(MP_METRIC_KEYS) <= set(metrics)
 
 
-def test_multi_positive_metrics_equal_a_plain_loop_with_shared_captions():
+@pytest.mark.parametrize("row_block", [256, 5], ids=["one block", "several blocks"])
+def test_multi_positive_metrics_equal_a_plain_loop_with_shared_captions(monkeypatch, row_block):
+    monkeypatch.setattr(clipse.metrics, "_ROW_BLOCK", row_block)  # rows are ranked in blocks of this many
     rng = np.random.default_rng(5)
     n_images, owner = 12, np.repeat(np.arange(12), 3)
     relevant = rng.random((len(owner), n_images)) < 0.15

@@ -260,6 +260,7 @@ SLOW_TRIAL = ["--shapes-train-images", "400", "--shapes-val-images", "100", "--s
               "--epochs", "3"]  # long enough to be interrupted mid-trial
 
 
+@pytest.mark.recovery
 @pytest.mark.slow
 def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
     args = search_args(tmp_path, "baseline", 1, "--pruner", "none", *SLOW_TRIAL)
@@ -289,6 +290,7 @@ def test_ctrl_c_leaves_nothing_running_and_resume_finishes(tmp_path):
     assert sorted(retry.intermediate_values) == [1, 2, 3]
 
 
+@pytest.mark.recovery
 @pytest.mark.slow
 def test_killed_coordinator_then_rerun_recovers(tmp_path):
     """kill -9 of an inline search: its trial stays RUNNING with a dead pid on this host; the

@@ -91,6 +91,7 @@ def test_sqlite_storage_is_refused_for_slurm(slurm_cluster, tmp_path):
     assert result.returncode == 2 and "SQLite is not safe for slurm jobs" in result.stderr
 
 
+@pytest.mark.recovery
 def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
     process = start(tmp_path, *args_for(tmp_path, "baseline", 1, *SLOW))
     assert wait_for(lambda: epochs_done(tmp_path, "baseline") >= 1)
@@ -103,6 +104,7 @@ def test_killed_job_is_retried_from_its_checkpoint(slurm_cluster, tmp_path):
     assert retry.user_attrs["slurm_job_id"] != lost.user_attrs["slurm_job_id"]
 
 
+@pytest.mark.recovery
 @pytest.mark.parametrize("how", ["scontrol requeue", "SIGUSR2 before the time limit"])
 def test_a_requeued_job_resumes_its_trial(slurm_cluster, tmp_path, how):
     process = start(tmp_path, *args_for(tmp_path, "baseline", 1, *SLOW))
@@ -127,6 +129,7 @@ def test_a_requeued_job_resumes_its_trial(slurm_cluster, tmp_path, how):
     assert "Restarts=1" in restarts
 
 
+@pytest.mark.recovery
 @pytest.mark.parametrize("detach", [False, True], ids=["cancel", "detach"])
 def test_ctrl_c_cancels_the_jobs_or_with_detach_leaves_them_running(slurm_cluster, tmp_path, detach):
     name = "detached" if detach else "cancel-me"

@@ -67,6 +67,7 @@ def test_two_runs_are_identical_on_cpu(tiny, tmp_path):
     assert not a.equals(c)
 
 
+@pytest.mark.recovery
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     """SIGKILL during epoch 2, restart with --resume: same final metrics as an uninterrupted run."""
