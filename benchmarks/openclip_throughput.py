@@ -19,6 +19,7 @@ row, and only those rows read the device, so asking for a row every step would t
 configuration nobody trains with; ``--clipse-log-every`` changes it). ``--compile`` adds clipse
 with ``--compile`` to the rotation (OpenCLIP stays eager); its warm-up steps include compiling.
 
+    pip install -e '.[bench]'                            # OpenCLIP's trainer needs these
     python benchmarks/openclip_throughput.py            # prints a table and the ratios
     python benchmarks/openclip_throughput.py --out throughput.csv   # the table as a CSV too
 """
@@ -123,6 +124,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time clipse with --compile")
     parser.add_argument("--out", type=Path, help="also write the table to this CSV file")
     args = parser.parse_args()
+    try:
+        import open_clip_train.main  # noqa: F401
+    except ImportError as error:
+        sys.exit(f"OpenCLIP's trainer cannot be imported ({error}): pip install -e '.[bench]'")
     sizes = args.source_sizes.split(",")
     trainers = ["clipse", "OpenCLIP", *([COMPILED] if args.compile else [])]
     results = []
