@@ -12,11 +12,12 @@ enlarged drawings compress better than photographs, which favours OpenCLIP). Ope
 and transforms every image in its DataLoader workers at every step; clipse decodes each file
 once into its tensor cache (warmed before timing; the first load is timed by data_cache.py).
 
-Throughput is the median samples/s after ``--skip`` warm-up steps, as each trainer logs it:
-OpenCLIP per step (its "N/s" log field, logging every step); clipse per row of
-``training.csv``, at its default ``--log-every`` (a row's rate covers the steps since the last
-row, and only those rows read the device, so asking for a row every step would time a
-configuration nobody trains with; ``--clipse-log-every`` changes it). ``--compile`` adds clipse
+Throughput is the samples trained after ``--skip`` warm-up steps divided by the time they took,
+from what each trainer logs: OpenCLIP per step (its "N/s" log field, logging every step);
+clipse per row of ``training.csv``, at its default ``--log-every`` (a row's rate covers the
+steps since the last row, and only those rows read the device, so asking for a row every step
+would time a configuration nobody trains with; ``--clipse-log-every`` changes it). Both are
+steady-state figures: clipse's cache is filled before timing. ``--compile`` adds clipse
 with ``--compile`` to the rotation (OpenCLIP stays eager); its warm-up steps include compiling.
 
     pip install -e '.[bench]'                            # OpenCLIP's trainer needs these
@@ -82,29 +83,42 @@ def source_folder(workdir: Path, train_images: int, size: str) -> tuple[Path, Pa
     return folder, csv_path
 
 
-def run_clipse(workdir: Path, name: str, folder: Path, args, compiled: bool = False) -> list[float]:
+def run_clipse(workdir: Path, name: str, folder: Path, args, compiled: bool = False) -> list[tuple[float, int]]:
     run_dir = workdir / name
     command = [sys.executable, "-m", "clipse.train", *(["--compile"] if compiled else []), "--data", "flickr8k",
                "--data-root", str(folder),
                "--model", args.model, "--epochs", "1", "--batch-size", str(args.batch_size), "--lr", "2e-3",
                "--log-every", str(args.clipse_log_every), "--no-progress", "--run-dir", str(run_dir),
                "--precision", args.precision, "--device", args.device, "--registry", str(workdir / "registry.csv")]
-    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    run(command, ROOT)
     rows = pd.read_csv(run_dir / "training.csv")
-    # A row's rate covers the steps since the previous row: keep rows whose window starts after the warm-up.
-    return rows.loc[rows["step"].shift(fill_value=0) >= args.skip, "samples_per_s"].tolist()
+    steps = rows["step"] - rows["step"].shift(fill_value=0)  # a row's rate covers the steps since the previous row
+    timed = rows["step"] - steps >= args.skip                 # rows whose window starts after the warm-up
+    return list(zip(rows.loc[timed, "samples_per_s"], steps[timed]))
 
 
-def run_openclip(workdir: Path, name: str, csv_path: Path, args) -> list[float]:
+def run_openclip(workdir: Path, name: str, csv_path: Path, args) -> list[tuple[float, int]]:
     command = [sys.executable, "-c", OPENCLIP_LAUNCHER, "--train-data", str(csv_path), "--dataset-type", "csv",
                "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key", "title",
                "--model", args.model, "--batch-size", str(args.batch_size), "--epochs", "1", "--lr", "2e-3",
                "--wd", "0.1", "--warmup", "10", "--grad-clip-norm", "1.0", "--precision", args.precision,
                "--workers", str(args.workers), "--log-every-n-steps", "1", "--save-frequency", "0",
                "--logs", str(workdir), "--name", name, "--seed", "0"]
-    subprocess.run(command, check=True, capture_output=True, text=True, cwd=workdir)
+    run(command, workdir)
     log = (workdir / name / "out.log").read_text()
-    return [float(x) for x in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", log)][args.skip:]
+    return [(float(x), 1) for x in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", log)][args.skip:]
+
+
+def run(command: list[str], cwd: Path) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command[:4])} ... failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+
+
+def overall_rate(rates: list[tuple[float, int]]) -> float:
+    """Samples over seconds of (samples/s, steps) pieces of equal-sized batches: the steps'
+    weighted harmonic mean."""
+    return sum(steps for _, steps in rates) / sum(steps / rate for rate, steps in rates)
 
 
 def main() -> None:
@@ -116,7 +130,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="OpenCLIP DataLoader workers")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
+    parser.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the timing")
     parser.add_argument("--clipse-log-every", type=int, default=TrainConfig.log_every,
                         help="clipse's --log-every (default: its default)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "amp_bf16"), help="both trainers' precision")
@@ -145,10 +159,9 @@ def main() -> None:
                     if not rates:
                         sys.exit(f"{trainer}: no step after the {args.skip} warm-up steps was timed; use more "
                                  "--train-images or a smaller --skip, --clipse-log-every or --batch-size")
-                    medians[trainer].append(statistics.median(rates))
-                    unit = "steps" if trainer == "OpenCLIP" else f"rows of up to {args.clipse_log_every} steps"
+                    medians[trainer].append(overall_rate(rates))
                     print(f"source {size:>8}  {trainer:16} round {round_}: {medians[trainer][-1]:8.1f} samples/s "
-                          f"(median of {len(rates)} {unit})", flush=True)
+                          f"({sum(steps for _, steps in rates)} steps)", flush=True)
             rates = {trainer: statistics.median(values) for trainer, values in medians.items()}
             row = {"source images": size, **{f"{t} samples/s": round(r, 1) for t, r in rates.items()}}
             for trainer in (t for t in trainers if t != "OpenCLIP"):
@@ -156,7 +169,7 @@ def main() -> None:
             results.append(row)
     print(f"\nmodel {args.model}, {args.train_images * 5} pairs, batch {args.batch_size}, {args.precision}, CPU threads "
           f"{os.cpu_count()}, OpenCLIP workers {args.workers}, clipse --log-every {args.clipse_log_every}, "
-          f"medians of {args.rounds} rounds")
+          f"medians of {args.rounds} rounds, steady state (clipse's cache filled before timing)")
     table = pd.DataFrame(results)
     print(table.to_string(index=False))
     if args.out is not None:

@@ -11,6 +11,7 @@ import torch
 
 import clipse.metrics
 from clipse.data import ShapesSpec, load_caption_dataset
+from clipse.data import synthetic
 from clipse.data.synthetic import SHAPES_FN_LEVELS, ensure_shapes_dataset, strip_prefix
 from clipse.data.truth import CaptionTruth
 from clipse.losses import LOSSES
@@ -86,6 +87,25 @@ def test_levels_change_the_captions_not_the_images_and_order_the_false_negatives
     assert shares["low"] < shares["default"] < shares["high"]
     assert ShapesSpec(1200, 500, 1000).folder_name == "shapes-v1-s0-1200-500-1000"  # the default level: no suffix
     assert ShapesSpec(1200, 500, 1000, fn_level="high").folder_name == "shapes-v1-s0-1200-500-1000-fnhigh"
+
+
+def test_the_ground_truth_is_computed_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPSE_CACHE", str(tmp_path / "cache"))
+    dataset = load_caption_dataset("shapes", tmp_path / "data", shapes=ShapesSpec(30, 5, 5, seed=4, fn_level="high"))
+    first = dataset.truth("train")
+    assert len(list((tmp_path / "cache" / "tensors").glob("truth-*"))) == 1
+    scenes = []
+    generate = synthetic._scene
+    monkeypatch.setattr(synthetic, "_scene", lambda *args: scenes.append(args) or generate(*args))
+    again = dataset.truth("train")
+    assert scenes == []  # nothing regenerated
+    recomputed = synthetic._shapes_truth(dataset.split("train"), 4, "high")
+    assert len(scenes) == 30  # (the patched generator is the one that computes)
+    for truth in (first, again):
+        assert torch.equal(truth.image_facts, recomputed.image_facts)
+        assert torch.equal(truth.caption_facts, recomputed.caption_facts)
+    dataset.truth("val")
+    assert len(list((tmp_path / "cache" / "tensors").glob("truth-*"))) == 2  # another split, another entry
 
 
 def test_caption_truth_equals_a_plain_loop_over_facts():

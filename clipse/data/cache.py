@@ -1,4 +1,5 @@
-"""Decode-once caches: images as resized uint8 tensors, captions as token tensors (docs/data.md).
+"""Decode-once caches: images as resized uint8 tensors, captions as token tensors, and the
+generated data's ground truth (docs/data.md).
 The first decode of a split uses every CPU the process may use (``clipse.image_decode``); every
 later load memory-maps the entry, so the processes of a node share one copy.
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clipse.data.truth import CaptionTruth
 from clipse.errors import UserError
 from clipse.image_decode import decode_images
 from clipse.paths import cache_dir
@@ -109,3 +111,10 @@ def cached_tokens(captions: Sequence[str], tokenize: Callable[[list[str]], torch
         return tokenize(list(captions)).numpy().astype(np.int32)
 
     return torch.from_numpy(_load_or_build(_cache_file("tokens", key), build)).long()
+
+
+def cached_truth(parts: Sequence[str], build: Callable[[], CaptionTruth]) -> CaptionTruth:
+    """A split's ground truth, built once and cached under a key made of ``parts`` (everything
+    the truth is computed from)."""
+    key = _digest([f"truth{CACHE_FORMAT}", *parts])
+    return CaptionTruth.unpack(_load_or_build(_cache_file("truth", key), lambda: build().pack()))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipse.data.cache import cached_truth
 from clipse.data.readers import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE
 from clipse.data.records import CaptionSplit
 from clipse.data.truth import CaptionTruth
@@ -209,7 +210,14 @@ def _image(index: int, seed: int, fn_level: str = "default") -> tuple[Image.Imag
 
 def shapes_truth(split: CaptionSplit, seed: int, fn_level: str = "default") -> CaptionTruth:
     """Which captions of a split of a generated shapes dataset truly describe which of its images
-    (every caption describes its own image, and often others)."""
+    (every caption describes its own image, and often others). Regenerating the scenes takes
+    about a second per 5,000 images, so the answer is cached, keyed by all it depends on."""
+    parts = [f"shapes{GENERATOR_VERSION}", str(seed), fn_level, *(Path(p).name for p in split.image_paths),
+             *split.captions, *map(str, split.caption_image)]
+    return cached_truth(parts, lambda: _shapes_truth(split, seed, fn_level))
+
+
+def _shapes_truth(split: CaptionSplit, seed: int, fn_level: str) -> CaptionTruth:
     scenes = []
     for path in split.image_paths:
         match = IMAGE_NAME.search(str(path))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 PAD = -1        # padding of both tables: an image's padding satisfies a caption's padding
@@ -33,6 +34,17 @@ class CaptionTruth:
                 len(coded), width)
 
         return cls(image_facts=table(images, 1), caption_facts=table(captions, 0))
+
+    def pack(self) -> np.ndarray:
+        """Both tables in one flat int64 array (their shapes first), as the cache stores them."""
+        return np.concatenate([np.array([*self.image_facts.shape, *self.caption_facts.shape], dtype=np.int64),
+                               self.image_facts.numpy().ravel(), self.caption_facts.numpy().ravel()])
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray) -> "CaptionTruth":
+        n, f, c, k = (int(x) for x in packed[:4])
+        tables = torch.from_numpy(np.asarray(packed[4:], dtype=np.int64))
+        return cls(image_facts=tables[:n * f].reshape(n, f), caption_facts=tables[n * f:n * f + c * k].reshape(c, k))
 
     @cached_property
     def every_pair(self) -> torch.Tensor:
