@@ -150,22 +150,22 @@ def main() -> None:
         for size in sizes:
             folder, csv_path = source_folder(workdir, args.train_images, size)
             run_clipse(workdir, f"warm-cache-{size}", folder, args)  # decodes into the tensor cache; not timed
-            medians = {trainer: [] for trainer in trainers}
+            round_rates = {trainer: [] for trainer in trainers}
             for round_ in range(args.rounds):
                 for trainer in trainers:
                     name = f"{trainer.replace(' --', '-')}-{size}-{round_}"
-                    rates = (run_openclip(workdir, name, csv_path, args) if trainer == "OpenCLIP"
-                             else run_clipse(workdir, name, folder, args, compiled=trainer == COMPILED))
-                    if not rates:
+                    pieces = (run_openclip(workdir, name, csv_path, args) if trainer == "OpenCLIP"
+                              else run_clipse(workdir, name, folder, args, compiled=trainer == COMPILED))
+                    if not pieces:
                         sys.exit(f"{trainer}: no step after the {args.skip} warm-up steps was timed; use more "
                                  "--train-images or a smaller --skip, --clipse-log-every or --batch-size")
-                    medians[trainer].append(overall_rate(rates))
-                    print(f"source {size:>8}  {trainer:16} round {round_}: {medians[trainer][-1]:8.1f} samples/s "
-                          f"({sum(steps for _, steps in rates)} steps)", flush=True)
-            rates = {trainer: statistics.median(values) for trainer, values in medians.items()}
-            row = {"source images": size, **{f"{t} samples/s": round(r, 1) for t, r in rates.items()}}
+                    round_rates[trainer].append(overall_rate(pieces))
+                    print(f"source {size:>8}  {trainer:16} round {round_}: {round_rates[trainer][-1]:8.1f} samples/s "
+                          f"({sum(steps for _, steps in pieces)} steps)", flush=True)
+            rate = {trainer: statistics.median(values) for trainer, values in round_rates.items()}
+            row = {"source images": size, **{f"{t} samples/s": round(r, 1) for t, r in rate.items()}}
             for trainer in (t for t in trainers if t != "OpenCLIP"):
-                row[f"{trainer} / OpenCLIP"] = round(rates[trainer] / rates["OpenCLIP"], 2)
+                row[f"{trainer} / OpenCLIP"] = round(rate[trainer] / rate["OpenCLIP"], 2)
             results.append(row)
     print(f"\nmodel {args.model}, {args.train_images * 5} pairs, batch {args.batch_size}, {args.precision}, CPU threads "
           f"{os.cpu_count()}, OpenCLIP workers {args.workers}, clipse --log-every {args.clipse_log_every}, "
