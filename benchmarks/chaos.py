@@ -5,7 +5,8 @@ schedule of faults hits it, then checks that the study lost nothing.
                                [--keep DIR]
 
 Faults (a fixed mix in an order drawn with the seed; each but a torn journal waits until the
-study has moved on since the last one):
+study has moved on since the last one, and one that stops the command also until the command
+has started):
   kill-worker          SIGKILL a worker process in the middle of its trial
   tear-journal         append half a record to the journal, as a writer dying mid-append leaves it
                        (written under the journal's lock, which the dying writer would have held)
@@ -71,6 +72,7 @@ class Soak:
     args: argparse.Namespace
     rng: random.Random
     process: subprocess.Popen | None = None
+    log_start: int = 0                                   # where the running command's output begins in search.log
     groups: set[int] = field(default_factory=set)         # process groups started here (stopped at the end)
     seen_finished: dict[int, tuple[str, float | None]] = field(default_factory=dict)
     applied: dict[str, int] = field(default_factory=dict)
@@ -90,6 +92,7 @@ class Soak:
 
     def start(self) -> None:
         log = open(self.workdir / "search.log", "a")
+        self.log_start = log.tell()
         self.process = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         self.groups.add(self.process.pid)
@@ -134,7 +137,21 @@ class Soak:
                 return
             time.sleep(0.3)
 
+    def wait_until_started(self, timeout: float = 120) -> None:
+        """Until the command has printed its study line: its signal handling is in place from
+        then on. (A signal while Python is still importing ends it the default way, before it
+        has written anything; orphaned workers of a killed command report epochs meanwhile, so
+        progress alone does not say the new command is up.)"""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.running():
+            with open(self.workdir / "search.log", "rb") as log:
+                log.seek(self.log_start)
+                if f"study '{STUDY}'".encode() in log.read():
+                    return
+            time.sleep(0.2)
+
     def stop_and_restart(self, send, expected_exit: int) -> None:
+        self.wait_until_started()
         send()
         try:
             self.process.wait(timeout=60)

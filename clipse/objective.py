@@ -34,7 +34,7 @@ from clipse.executors import worker_environment
 from clipse.paths import StudyFolder
 from clipse.spaces import SearchSpace
 from clipse.study import (HEARTBEAT_INTERVAL_S, OWNER_ATTR, RUN_DIR_ATTR, WEIGHT_CONSTRAINT, Heartbeat, StudySettings,
-                          count_trials, load_study, retried_numbers, retry_lost_trial, stored_settings, take_back)
+                          load_study, retried_numbers, retry_lost_trial, stored_settings, take_back, take_trial)
 from clipse.trackers import tracking_problems
 from clipse.run_folder import RunFolder, TrainResult
 from clipse.train import PAUSE, EpochReport, finish_paused, train
@@ -223,10 +223,9 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
     elif previous is not None and previous.number not in retried_numbers(trials):
         return _outcome(previous)  # restarted after its trial had finished: nothing more to do
     else:
-        counts = count_trials(study)
-        if ref.total is not None and not counts.waiting and counts.finished + counts.running >= ref.total:
+        trial = take_trial(study, ref.total, ref.folder.ask_lock)
+        if trial is None:
             return TrialOutcome(-1, "SKIPPED")
-        trial = study.ask()
     trial.set_user_attr(OWNER_ATTR, {**environment.identity(), "session": ref.session})
     for key, value in environment.public_attrs().items():
         trial.set_user_attr(key, value)

@@ -41,6 +41,7 @@ class StudyFolder:
     journal = property(lambda self: self.path / "journal.log")
     artifacts = property(lambda self: self.path / "artifacts")
     slurm = property(lambda self: self.path / "slurm")
+    ask_lock = property(lambda self: self.path / "ask.lock")  # held while a worker checks the total and takes a trial
     confirm = property(lambda self: self.path / "confirm")
     final = property(lambda self: self.path / "final")
     final_runs = property(lambda self: self.final / "runs")

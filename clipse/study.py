@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from clipse.config import TrainConfig
 from clipse.errors import UserError
 from clipse.journal import open_journal
+from clipse.locks import exclusive_lock
 from clipse.spaces import SearchSpace
 from clipse.study_samplers import build_sampler
 
@@ -291,6 +292,18 @@ def count_trials(study: optuna.Study, session: str | None = None) -> TrialCounts
     if len(study.directions) > 1:
         counts.front = len(pareto_front([t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]))
     return counts
+
+
+def take_trial(study: optuna.Study, total: int | None, lock: Path) -> optuna.Trial | None:
+    """A queued trial (a retry, an enqueued point) if there is one, else a new one while the study
+    is short of ``total``; None when it has every trial it needs. Workers check and ask under
+    ``lock``: two that both saw one trial missing would otherwise both create one, and the
+    surplus trial could complete the study while a retry was still queued, leaving it WAITING."""
+    with exclusive_lock(lock):
+        counts = count_trials(study)
+        if total is not None and not counts.waiting and counts.finished + counts.running >= total:
+            return None
+        return study.ask()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 import time
 
 from clipse.errors import UserError
@@ -31,3 +32,16 @@ def sleeps(seconds, marker):
         handle.write(str(os.getpid()))
     time.sleep(seconds)
     return "woke up"
+
+
+def sleeps_then_raises(seconds, marker):
+    sleeps(seconds, marker)
+    raise ValueError("woke up to fail")
+
+
+def returns_unpicklable():
+    return threading.Lock()
+
+
+def raises_unpicklable():
+    raise ValueError("holds a lock", threading.Lock())

@@ -135,3 +135,41 @@ def test_a_local_worker_interrupted_alone_is_replaced(tmp_path):
     (after,) = run_to_end(executor, [Task(executor_tasks.identity, ("after",))])
     assert after.state == DONE and after.result[1]["pid"] != int(marker.read_text())
     executor.close()
+
+
+@pytest.mark.parametrize("task", ["returns", "raises"])
+def test_a_local_worker_whose_coordinator_died_ends_quietly(tmp_path, capfd, task):
+    """A killed search command leaves its workers to finish their trial (told to the study
+    already); they cannot report it and must end quietly, not with a broken-pipe traceback."""
+    import multiprocessing
+
+    from clipse.executors.local import _local_worker
+
+    context = multiprocessing.get_context("spawn")
+    coordinator, child = context.Pipe()
+    worker = context.Process(target=_local_worker, args=(child, None), daemon=True)
+    worker.start()
+    child.close()
+    marker = tmp_path / "started"
+    fn = executor_tasks.sleeps if task == "returns" else executor_tasks.sleeps_then_raises
+    coordinator.send((fn, (1, str(marker)), 1))
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    coordinator.close()  # the coordinator is gone before the task ends
+    worker.join(60)
+    assert worker.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_local_outcome_that_cannot_travel_fails_with_its_text(tmp_path):
+    """A result or an exception that does not pickle reaches the coordinator as text."""
+    executor = executor_from_options(ExecutorOptions(executor="local", workers=1, resources=Resources(cpus=1)),
+                                     tmp_path)
+    returned, raised, after = run_to_end(executor, [Task(executor_tasks.returns_unpicklable, ()),
+                                                    Task(executor_tasks.raises_unpicklable, ()),
+                                                    Task(executor_tasks.identity, ("after",))])
+    executor.close()
+    assert returned.state == FAILED and "pickle" in returned.error
+    assert raised.state == FAILED and raised.error.startswith("ValueError: ") and "holds a lock" in raised.error
+    assert after.state == DONE and after.result[0] == "after"

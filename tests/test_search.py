@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +23,7 @@ from clipse.objective import StudyRef
 from clipse.search import SearchOptions, TrialWorkload, run_search
 from clipse.search import main as search_main
 from clipse.study import (HEARTBEAT_ATTR, LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage,
-                          retry_lost_trial, sweep_lost_trials)
+                          retry_lost_trial, sweep_lost_trials, take_trial)
 
 from helpers import epochs_done, load_study, wait_for, was_retried
 
@@ -220,6 +221,40 @@ def test_a_trial_out_of_retries_fails_for_good(tmp_path):
         lost = next(t for t in study.get_trials() if t.number == lost.number)
     counts = count_trials(study)
     assert counts.failed == 1 and counts.waiting == 0 and len(study.get_trials()) == 3
+
+
+def test_two_workers_asking_at_once_never_take_more_than_the_total(tmp_path, monkeypatch):
+    """One trial short of the total, two workers ask at the same moment: one gets the trial, the
+    other nothing. (Checking and asking apart, both created one, and the surplus trial finished
+    the study while a retry was still queued.)"""
+    storage = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(storage), direction="maximize")
+    study.tell(study.ask(), 1.0)
+    plain_ask = optuna.Study.ask
+
+    def slow_ask(self, *args, **kwargs):  # widen the gap between a worker's count and its new trial
+        time.sleep(0.5)
+        return plain_ask(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "ask", slow_ask)
+    taken = []
+
+    def worker():
+        own = optuna.load_study(study_name="s", storage=open_storage(storage))  # each worker opens the study
+        taken.append(take_trial(own, 2, tmp_path / "ask.lock"))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(trial is None for trial in taken) == [False, True]
+    assert len(study.get_trials()) == 2
+    next(trial for trial in taken if trial).suggest_float("lr", 0.1, 1.0)
+    retry = study.get_trials()[1]  # lost: its retry is still taken, though the total is reached
+    assert retry_lost_trial(study, retry, "lost in a test", max_retries=1)
+    assert take_trial(study, 2, tmp_path / "ask.lock").number == 2
+    assert take_trial(study, 2, tmp_path / "ask.lock") is None
 
 
 @pytest.mark.slow

@@ -67,17 +67,21 @@ def _local_worker(connection, gpus: str | None) -> None:
             fn, args, threads = item
             torch.set_num_threads(threads)
             try:
-                connection.send((DONE, fn(*args)))
+                outcome = (DONE, fn(*args))
             except KeyboardInterrupt:
                 connection.send((CANCELLED, "interrupted"))
                 return
             except Exception as exc:
-                try:
-                    connection.send((FAILED, exc))
-                except Exception:  # an exception that does not pickle travels as text
-                    connection.send((FAILED, f"{type(exc).__name__}: {exc}"))
-    except (KeyboardInterrupt, EOFError):
-        return
+                outcome = (FAILED, exc)
+            try:
+                connection.send(outcome)
+            except OSError:
+                raise  # the coordinator is gone
+            except Exception as exc:  # an outcome that does not pickle travels as text
+                failure = outcome[1] if outcome[0] == FAILED else exc
+                connection.send((FAILED, f"{type(failure).__name__}: {failure}"))
+    except (KeyboardInterrupt, EOFError, OSError):
+        return  # Ctrl-C, or the coordinator is gone (killed): the trial was told to the study already
 
 
 @register_backend
