@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with one or more CUDA GPUs (about 7 minutes on one, by estimate:
+# The GPU check, for a machine with one or more CUDA GPUs (7 to 8 minutes on one, by estimate:
 # it has not run on a GPU yet):
 #   1. the gpu-marked tests;
 #   2. ViT-B-32 (random init, 224 px) on the synthetic images for one epoch of 50 steps at batch
-#      256 with --precision amp_bf16, without and with --compile, and OpenCLIP's own trainer on the
-#      same JPEG files, batch and precision: samples/s and the ratios
+#      256 with --precision amp_bf16, and OpenCLIP's own trainer on the same JPEG files, batch and
+#      precision, eager and compiled (clipse --compile, OpenCLIP --torchcompile): samples/s and the ratios
 #      (benchmarks/openclip_throughput.py, which also writes OUT_DIR/throughput_*.csv);
 #   3. the bare-loop comparison on the GPU;
 #   4. micro-batching on the GPU: batch 1,024 with --micro-batch 128 against plain batches
@@ -30,11 +30,11 @@ python -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -3 | tee -a "$REPORT"
 
 # 2,560 images x 5 captions = 12,800 pairs = 50 steps of 256; the first steps (and compilation)
 # are left out of the timing by --skip. The JPEG files are stored at the generator's 64 px (eager
-# and --compile against OpenCLIP) and at a Flickr8k photo's 500x375 (eager against OpenCLIP: what
+# and compiled, each against OpenCLIP's trainer the same way) and at a Flickr8k photo's 500x375 (eager against OpenCLIP: what
 # each trainer pays for decoding differs). A failed step is reported and the check goes on.
 THROUGHPUT=(python benchmarks/openclip_throughput.py --model ViT-B-32 --train-images 2560 --batch-size 256
             --precision amp_bf16 --device cuda --rounds 1 --skip 10 --workers 8)
-say "== ViT-B-32, batch 256, amp_bf16, 12,800 pairs of 64-px files: clipse (eager, --compile) and OpenCLIP's trainer"
+say "== ViT-B-32, batch 256, amp_bf16, 12,800 pairs of 64-px files: clipse and OpenCLIP's trainer, eager and compiled"
 "${THROUGHPUT[@]}" --compile --source-sizes 64x64 --out "$OUT/throughput_64.csv" 2>&1 | tee -a "$REPORT" \
     || say "openclip_throughput.py failed (above)"
 say "== the same with 500x375 files: clipse (eager) and OpenCLIP's trainer"

@@ -16,9 +16,12 @@ Throughput is the samples trained after ``--skip`` warm-up steps divided by the 
 from what each trainer logs: OpenCLIP per step (its "N/s" log field, logging every step);
 clipse per row of ``training.csv``, at its default ``--log-every`` (a row's rate covers the
 steps since the last row, and only those rows read the device, so asking for a row every step
-would time a configuration nobody trains with; ``--clipse-log-every`` changes it). Both are
-steady-state figures: clipse's cache is filled before timing. ``--compile`` adds clipse
-with ``--compile`` to the rotation (OpenCLIP stays eager); its warm-up steps include compiling.
+would time a configuration nobody trains with; ``--clipse-log-every`` changes it). Only full
+batches are timed: OpenCLIP's trainer drops the epoch's last, smaller batch, and clipse's row
+that holds it is left out (a compiled model recompiles for the new shape there). Both are
+steady-state figures: clipse's cache is filled before timing. ``--compile`` adds a compiled
+pair to the rotation, clipse with ``--compile`` and OpenCLIP with ``--torchcompile``, and their
+ratio; their warm-up steps include compiling.
 
     pip install -e '.[bench]'                            # OpenCLIP's trainer needs these
     python benchmarks/openclip_throughput.py            # prints a table and the ratios
@@ -52,7 +55,8 @@ from clipse.data.synthetic import CANVAS  # noqa: E402
 # OpenCLIP's trainer, with the project's architectures registered first (nothing else changes).
 OPENCLIP_LAUNCHER = "import sys, clipse.models; from open_clip_train.main import main; main(sys.argv[1:])"
 NATIVE = f"{CANVAS}x{CANVAS}"
-COMPILED = "clipse --compile"
+EAGER = ("clipse", "OpenCLIP")                                # (clipse, OpenCLIP) at equal settings
+COMPILED = ("clipse --compile", "OpenCLIP --torchcompile")
 
 
 def size_of(text: str) -> tuple[int, int]:
@@ -60,9 +64,9 @@ def size_of(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def source_folder(workdir: Path, train_images: int, size: str) -> tuple[Path, Path]:
-    """A Flickr8k folder of the synthetic dataset with its images stored at ``size``, and an
-    OpenCLIP CSV of its training pairs."""
+def source_folder(workdir: Path, train_images: int, size: str) -> tuple[Path, Path, int]:
+    """A Flickr8k folder of the synthetic dataset with its images stored at ``size``, an
+    OpenCLIP CSV of its training pairs, and how many pairs it holds."""
     dataset = dataset_for(TrainConfig(shapes_train_images=train_images, shapes_val_images=50, shapes_test_images=50))
     split = dataset.split("train")
     generated = Path(split.image_paths[0]).resolve().parent.parent
@@ -80,10 +84,12 @@ def source_folder(workdir: Path, train_images: int, size: str) -> tuple[Path, Pa
         writer.writerow(["filepath", "title"])
         for caption, row in zip(split.captions, split.caption_image):
             writer.writerow([str(folder / "Flicker8k_Dataset" / Path(split.image_paths[row]).name), caption])
-    return folder, csv_path
+    return folder, csv_path, len(split.captions)
 
 
-def run_clipse(workdir: Path, name: str, folder: Path, args, compiled: bool = False) -> list[tuple[float, int]]:
+def run_clipse(workdir: Path, name: str, folder: Path, pair_count: int, args, compiled: bool = False) -> list[tuple[float, int]]:
+    """The timed pieces of one clipse run. Its epoch ends with a smaller batch (OpenCLIP's trainer
+    drops it), which a compiled model recompiles for: the row that holds it is left out."""
     run_dir = workdir / name
     command = [sys.executable, "-m", "clipse.train", *(["--compile"] if compiled else []), "--data", "flickr8k",
                "--data-root", str(folder),
@@ -93,12 +99,13 @@ def run_clipse(workdir: Path, name: str, folder: Path, args, compiled: bool = Fa
     run(command, ROOT)
     rows = pd.read_csv(run_dir / "training.csv")
     steps = rows["step"] - rows["step"].shift(fill_value=0)  # a row's rate covers the steps since the previous row
-    timed = rows["step"] - steps >= args.skip                 # rows whose window starts after the warm-up
+    timed = (rows["step"] - steps >= args.skip) & (rows["step"] <= pair_count // args.batch_size)  # full batches after warm-up
     return list(zip(rows.loc[timed, "samples_per_s"], steps[timed]))
 
 
-def run_openclip(workdir: Path, name: str, csv_path: Path, args) -> list[tuple[float, int]]:
-    command = [sys.executable, "-c", OPENCLIP_LAUNCHER, "--train-data", str(csv_path), "--dataset-type", "csv",
+def run_openclip(workdir: Path, name: str, csv_path: Path, args, compiled: bool = False) -> list[tuple[float, int]]:
+    command = [sys.executable, "-c", OPENCLIP_LAUNCHER, *(["--torchcompile"] if compiled else []),
+               "--train-data", str(csv_path), "--dataset-type", "csv",
                "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key", "title",
                "--model", args.model, "--batch-size", str(args.batch_size), "--epochs", "1", "--lr", "2e-3",
                "--wd", "0.1", "--warmup", "10", "--grad-clip-norm", "1.0", "--precision", args.precision,
@@ -135,7 +142,8 @@ def main() -> None:
                         help="clipse's --log-every (default: its default)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "amp_bf16"), help="both trainers' precision")
     parser.add_argument("--device", default="auto", help="clipse's --device (OpenCLIP uses CUDA when it has it)")
-    parser.add_argument("--compile", action="store_true", help="also time clipse with --compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time clipse with --compile against OpenCLIP with --torchcompile")
     parser.add_argument("--out", type=Path, help="also write the table to this CSV file")
     args = parser.parse_args()
     try:
@@ -143,31 +151,33 @@ def main() -> None:
     except ImportError as error:
         sys.exit(f"OpenCLIP's trainer cannot be imported ({error}): pip install -e '.[bench]'")
     sizes = args.source_sizes.split(",")
-    trainers = ["clipse", "OpenCLIP", *([COMPILED] if args.compile else [])]
+    matchups = [EAGER, *([COMPILED] if args.compile else [])]
+    trainers = [trainer for matchup in matchups for trainer in matchup]
     results = []
     with tempfile.TemporaryDirectory(prefix="clipse-bench-") as tmp:
         workdir = Path(tmp)
         for size in sizes:
-            folder, csv_path = source_folder(workdir, args.train_images, size)
-            run_clipse(workdir, f"warm-cache-{size}", folder, args)  # decodes into the tensor cache; not timed
+            folder, csv_path, pair_count = source_folder(workdir, args.train_images, size)
+            run_clipse(workdir, f"warm-cache-{size}", folder, pair_count, args)  # decodes into the tensor cache; not timed
             round_rates = {trainer: [] for trainer in trainers}
             for round_ in range(args.rounds):
                 for trainer in trainers:
                     name = f"{trainer.replace(' --', '-')}-{size}-{round_}"
-                    pieces = (run_openclip(workdir, name, csv_path, args) if trainer == "OpenCLIP"
-                              else run_clipse(workdir, name, folder, args, compiled=trainer == COMPILED))
+                    compiled = trainer in COMPILED
+                    pieces = (run_openclip(workdir, name, csv_path, args, compiled) if trainer.startswith("OpenCLIP")
+                              else run_clipse(workdir, name, folder, pair_count, args, compiled))
                     if not pieces:
                         sys.exit(f"{trainer}: no step after the {args.skip} warm-up steps was timed; use more "
                                  "--train-images or a smaller --skip, --clipse-log-every or --batch-size")
                     round_rates[trainer].append(overall_rate(pieces))
-                    print(f"source {size:>8}  {trainer:16} round {round_}: {round_rates[trainer][-1]:8.1f} samples/s "
+                    print(f"source {size:>8}  {trainer:23} round {round_}: {round_rates[trainer][-1]:8.1f} samples/s "
                           f"({sum(steps for _, steps in pieces)} steps)", flush=True)
             rate = {trainer: statistics.median(values) for trainer, values in round_rates.items()}
             row = {"source images": size, **{f"{t} samples/s": round(r, 1) for t, r in rate.items()}}
-            for trainer in (t for t in trainers if t != "OpenCLIP"):
-                row[f"{trainer} / OpenCLIP"] = round(rate[trainer] / rate["OpenCLIP"], 2)
+            for ours, theirs in matchups:
+                row[f"{ours} / {theirs}"] = round(rate[ours] / rate[theirs], 2)
             results.append(row)
-    print(f"\nmodel {args.model}, {args.train_images * 5} pairs, batch {args.batch_size}, {args.precision}, CPU threads "
+    print(f"\nmodel {args.model}, {pair_count} pairs, batch {args.batch_size}, {args.precision}, CPU threads "
           f"{os.cpu_count()}, OpenCLIP workers {args.workers}, clipse --log-every {args.clipse_log_every}, "
           f"medians of {args.rounds} rounds, steady state (clipse's cache filled before timing)")
     table = pd.DataFrame(results)
