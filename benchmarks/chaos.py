@@ -140,7 +140,7 @@ class Soak:
     def wait_until_started(self, timeout: float = 120) -> None:
         """Until the command has printed its study line: its signal handling is in place from
         then on. (A signal while Python is still importing ends it the default way, before it
-        has written anything; orphaned workers of a killed command report epochs meanwhile, so
+        has touched the study; orphaned workers of a killed command report epochs meanwhile, so
         progress alone does not say the new command is up.)"""
         deadline = time.time() + timeout
         while time.time() < deadline and self.running():
@@ -149,6 +149,8 @@ class Soak:
                 if f"study '{STUDY}'".encode() in log.read():
                     return
             time.sleep(0.2)
+        if self.running():
+            self.unexpected.append(f"the command printed no study line within {timeout:.0f} s")
 
     def stop_and_restart(self, send, expected_exit: int) -> None:
         self.wait_until_started()

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from clipse.assembly import dataset_for, model_for, split_tensors  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
+from clipse.samplers import random_batches  # noqa: E402
 from clipse.train import train  # noqa: E402
 
 STATIC, AUTOMATIC, EAGER = "compiled, static sizes (clipse)", "compiled, automatic", "eager"
@@ -49,10 +50,13 @@ def main() -> int:
     parser.add_argument("--model", default="clipse-tiny-64")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
+    if args.epochs < 2:
+        sys.exit("--epochs must be at least 2: the epochs after the first are timed")
     config = TrainConfig.from_mapping({"epochs": args.epochs, "model": args.model, "batch_size": args.batch_size,
                                        "compile": True, "progress": False}, "benchmark")
     pairs = len(split_tensors(dataset_for(config), "train", model_for(config)).tokens)  # decoded before timing
-    if pairs % args.batch_size == 0:
+    last = len(random_batches(pairs, args.batch_size, 0, 0)[-1])  # the trainer's batching
+    if last == args.batch_size:
         sys.exit(f"{pairs} pairs make whole batches of {args.batch_size}: pick another --batch-size")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +69,7 @@ def main() -> int:
                   file=sys.stderr)
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}" if v < 10 else f"{v:.0f}"))
-    print(f"\n{args.model}, {pairs} pairs, batch {args.batch_size} (the last {pairs % args.batch_size}), epochs 2-"
+    print(f"\n{args.model}, {pairs} pairs, batch {args.batch_size} (the last {last}), epochs 2-"
           f"{args.epochs}, torch threads {torch.get_num_threads()}: median static/automatic "
           f"{statistics.median(table['static/automatic']):.2f}, static/eager {statistics.median(table['static/eager']):.2f}")
     return 0

@@ -51,6 +51,7 @@ from clipse.assembly import dataset_for  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
 from clipse.data.readers import FLICKR8K_TOKEN_FILE  # noqa: E402
 from clipse.data.synthetic import CANVAS  # noqa: E402
+from clipse.samplers import random_batches  # noqa: E402
 
 # OpenCLIP's trainer, with the project's architectures registered first (nothing else changes).
 OPENCLIP_LAUNCHER = "import sys, clipse.models; from open_clip_train.main import main; main(sys.argv[1:])"
@@ -88,8 +89,8 @@ def source_folder(workdir: Path, train_images: int, size: str) -> tuple[Path, Pa
 
 
 def run_clipse(workdir: Path, name: str, folder: Path, pair_count: int, args, compiled: bool = False) -> list[tuple[float, int]]:
-    """The timed pieces of one clipse run. Its epoch ends with a smaller batch (OpenCLIP's trainer
-    drops it), which a compiled model recompiles for: the row that holds it is left out."""
+    """The timed pieces of one clipse run. Its epoch ends with a batch of another size (OpenCLIP's
+    trainer drops it), which a compiled model recompiles for: the row that holds it is left out."""
     run_dir = workdir / name
     command = [sys.executable, "-m", "clipse.train", *(["--compile"] if compiled else []), "--data", "flickr8k",
                "--data-root", str(folder),
@@ -99,7 +100,9 @@ def run_clipse(workdir: Path, name: str, folder: Path, pair_count: int, args, co
     run(command, ROOT)
     rows = pd.read_csv(run_dir / "training.csv")
     steps = rows["step"] - rows["step"].shift(fill_value=0)  # a row's rate covers the steps since the previous row
-    timed = (rows["step"] - steps >= args.skip) & (rows["step"] <= pair_count // args.batch_size)  # full batches after warm-up
+    sizes = [len(batch) for batch in random_batches(pair_count, args.batch_size, 0, 0)]  # the trainer's batching
+    full = next((step for step, size in enumerate(sizes) if size != args.batch_size), len(sizes))
+    timed = (rows["step"] - steps >= args.skip) & (rows["step"] <= full)  # full batches after the warm-up
     return list(zip(rows.loc[timed, "samples_per_s"], steps[timed]))
 
 

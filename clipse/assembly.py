@@ -55,6 +55,9 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modul
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if config.compile:
+        # A fresh start for each run: a worker process that compiled earlier runs' towers would
+        # otherwise reach torch's limit of recompilations per frame and fall back to eager.
+        torch.compiler.reset()
         model.encode_image = torch.compile(model.encode_image)
         model.encode_text = torch.compile(model.encode_text)
     return model

@@ -4,7 +4,7 @@
 network filesystems it is missing or unreliable: NFS mounted with ``nolock`` and Lustre mounted
 with ``localflock`` grant it per node only, so two nodes both "hold" it; other mounts refuse it
 (``ENOLCK``, ``EOPNOTSUPP``). There clipse uses a lock file created with ``O_EXCL`` instead
-(Optuna's ``JournalFileOpenLock``; atomic on NFSv3 and later and on Lustre), which a holder that
+(atomic on NFSv3 and later and on Lustre, as Optuna's journal lock relies on), which a holder that
 died leaves behind until it has not changed for ``STALE_LOCK_S`` seconds.
 
 Which one: ``CLIPSE_LOCK=flock|lockfile`` when set; otherwise the lock file on the network and
@@ -20,10 +20,11 @@ import errno
 import fcntl
 import logging
 import os
+import platform
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator
-
-from optuna.storages.journal import JournalFileOpenLock
 
 from clipse.errors import UserError
 
@@ -33,6 +34,7 @@ NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cif
                                  "glusterfs", "9p", "afs", "pvfs2", "orangefs"})
 FLOCK_REFUSED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 STALE_LOCK_S = 30
+LONGEST_POLL_S = 0.1  # a waiter looks at the lock file again after 1 ms, then twice as long each time, up to this
 LOCK_KINDS = ("flock", "lockfile")
 
 
@@ -69,12 +71,43 @@ def lock_kind(folder: Path) -> str:
 
 @contextlib.contextmanager
 def _lock_file(path: Path) -> Iterator[None]:
-    lock = JournalFileOpenLock(str(path), grace_period=STALE_LOCK_S)
-    lock.acquire()
+    """Hold ``<path>.lock``: created with ``O_EXCL`` and holding its holder's token. A file whose
+    mtime has not changed for ``STALE_LOCK_S`` seconds is a dead holder's and is removed. Unlike
+    Optuna's ``JournalFileOpenLock``, a waiter interrupted at any point (Ctrl-C) leaves the holder's
+    file alone, and a holder removes the file only while it still holds its own token."""
+    lock = f"{path}.lock"
+    token = f"{platform.node()}:{os.getpid()}:{uuid.uuid4().hex}".encode()
+    seen_mtime, seen_since, poll = None, time.monotonic(), 0.001
+    while True:
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                mtime = os.stat(lock).st_mtime
+            except FileNotFoundError:
+                continue
+            if mtime != seen_mtime:
+                seen_mtime, seen_since = mtime, time.monotonic()
+            elif time.monotonic() - seen_since > STALE_LOCK_S:
+                log.warning("%s: unchanged for %d s, so its holder is taken to be dead; removing it", lock, STALE_LOCK_S)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+                continue
+            time.sleep(poll)
+            poll = min(2 * poll, LONGEST_POLL_S)
     try:
+        try:
+            os.write(descriptor, token)
+        finally:
+            os.close(descriptor)
         yield
     finally:
-        lock.release()
+        with contextlib.suppress(OSError):
+            with open(lock, "rb") as handle:
+                mine = handle.read() == token
+            if mine:
+                os.unlink(lock)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from clipse.config import (DATA_KEYS, MODEL_KEYS, SELECT_METRICS, STUDY_TRACKING
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.executors import BACKENDS, Executor, ExecutorOptions, Task, executor_from_options, for_training
 from clipse.fields import add_arguments, check_at_least, from_arguments, setting
+from clipse.locks import exclusive_lock
 from clipse.objective import StudyRef, TrialOutcome, run_trial_task
 from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.progress import ProgressLine
@@ -231,18 +232,20 @@ def warm_start_points(space: SearchSpace, source: str, sampler: str) -> list[dic
     return [point for point in points if point]
 
 
-def enqueue_points(study: optuna.Study, points: list[dict[str, Any]], total: int) -> int:
+def enqueue_points(study: optuna.Study, points: list[dict[str, Any]], total: int, lock: Path) -> int:
     """Queue the warm-start points the study does not hold yet, within its total; returns how
     many were added. A point a trial already used is skipped, so a resumed search enqueues
-    nothing twice."""
+    nothing twice. Under the lock workers take trials by (``take_trial``), as another session's
+    may be doing."""
     added = 0
-    for point in points:
-        counts = count_trials(study)
-        if counts.finished + counts.running + counts.waiting >= total:
-            break
-        before = len(study.get_trials(deepcopy=False))
-        study.enqueue_trial(point, skip_if_exists=True)
-        added += len(study.get_trials(deepcopy=False)) - before
+    with exclusive_lock(lock):
+        for point in points:
+            counts = count_trials(study)
+            if counts.finished + counts.running + counts.waiting >= total:
+                break
+            before = len(study.get_trials(deepcopy=False))
+            study.enqueue_trial(point, skip_if_exists=True)
+            added += len(study.get_trials(deepcopy=False)) - before
     return added
 
 
@@ -285,7 +288,7 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
         total = grid_size(space)
         print(f"--sampler grid: the grid has {total} points, so the study has {total} trials", file=sys.stderr)
     study = create_or_load(name, backend, settings)
-    enqueued = enqueue_points(study, points, total)
+    enqueued = enqueue_points(study, points, total, folder.ask_lock)
     record = open_study_record(options.tracking, folder.registry, name, folder.path,
                                {f"clipse.{key}": str(getattr(settings, key)) for key in ("space", *STUDY_KEYS)})
     ref = StudyRef(name=name, storage=storage, study_dir=str(folder.path),

@@ -46,8 +46,15 @@ def assert_same_step(got, want, tolerance=1e-5):
 
 def two_ranks(tmp_path, loss, size, micro_batch):
     out = tmp_path / f"{loss}-{size}-{micro_batch}.pt"
-    mp.start_processes(ranks_worker.rank_main, args=(2, str(tmp_path / f"store-{out.stem}"), loss, size, micro_batch,
-                                                     str(out)), nprocs=2, start_method="spawn")
+    try:
+        mp.start_processes(ranks_worker.rank_main, args=(2, str(tmp_path / f"store-{out.stem}"), loss, size,
+                                                         micro_batch, str(out)), nprocs=2, start_method="spawn")
+    except mp.ProcessExitedException as exc:
+        # Now and then gloo aborts a rank as it shuts down ("terminate called without an active
+        # exception", seen once in CI). Rank 0 writes the step only after every collective of it
+        # is done, so with the file there the step under test completed on both ranks.
+        if exc.signal_name != "SIGABRT" or not out.exists():
+            raise
     return torch.load(out)
 
 

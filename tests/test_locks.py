@@ -95,3 +95,36 @@ def test_the_lock_file_excludes_and_a_dead_holders_lock_goes_stale(tmp_path, mon
     started = time.monotonic()
     append_row(path, {"run_id": "after-stale"})
     assert 3 <= time.monotonic() - started < 20 and "after-stale" in path.read_text()
+
+
+def _wait_for_lock(path: str) -> None:
+    with locks.exclusive_lock(Path(path)):
+        pass
+
+
+def test_an_interrupted_waiter_leaves_the_holders_lock_file(tmp_path, monkeypatch):
+    """Ctrl-C to a process waiting for the lock file must not remove the file its holder made,
+    which would let a third process in beside the holder."""
+    import os
+    import signal
+
+    path = tmp_path / "ask.lock"
+    monkeypatch.setenv("CLIPSE_LOCK", "lockfile")
+    with locks.exclusive_lock(path):
+        held = Path(f"{path}.lock").read_bytes()
+        waiter = multiprocessing.get_context("fork").Process(target=_wait_for_lock, args=(str(path),))
+        waiter.start()
+        time.sleep(1)
+        os.kill(waiter.pid, signal.SIGINT)
+        waiter.join(30)
+        assert waiter.exitcode not in (0, None)  # interrupted while waiting
+        assert Path(f"{path}.lock").read_bytes() == held
+    assert not Path(f"{path}.lock").exists()
+
+
+def test_a_holder_whose_lock_was_broken_leaves_the_new_holders_file(tmp_path, monkeypatch):
+    path = tmp_path / "ask.lock"
+    monkeypatch.setenv("CLIPSE_LOCK", "lockfile")
+    with locks.exclusive_lock(path):
+        Path(f"{path}.lock").write_bytes(b"another holder, after breaking this one's lock as stale")
+    assert Path(f"{path}.lock").read_bytes().startswith(b"another holder")

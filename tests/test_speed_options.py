@@ -80,12 +80,13 @@ def test_compiled_training_graphs_keep_the_batch_size_static(tiny, monkeypatch):
         graphs.append((torch.is_grad_enabled(), symbolic))
         return graph_module.forward
 
-    torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording_backend))
-    train(tiny(model="clipse-tiny-64", compile=True, batch_size=64))  # 240 pairs: 3 batches of 64, then 48
+    try:
+        train(tiny(model="clipse-tiny-64", compile=True, batch_size=64))  # 240 pairs: 3 batches of 64, then 48
+    finally:
+        torch.compiler.reset()  # no graph of the recording backend outlives the test
     training = [symbolic for grad, symbolic in graphs if grad]
     assert len(training) == 4 and not any(training)  # two towers, at 64 and at 48
-    torch._dynamo.reset()
 
 
 def test_a_full_crop_is_the_identity_and_a_flip_mirrors(monkeypatch):
