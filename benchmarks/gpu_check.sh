@@ -30,8 +30,9 @@ python -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -3 | tee -a "$REPORT"
 
 # 2,560 images x 5 captions = 12,800 pairs = 50 steps of 256; the first steps (and compilation)
 # are left out of the timing by --skip. The JPEG files are stored at the generator's 64 px (eager
-# and compiled, each against OpenCLIP's trainer the same way) and at a Flickr8k photo's 500x375 (eager against OpenCLIP: what
-# each trainer pays for decoding differs). A failed step is reported and the check goes on.
+# and compiled, each against OpenCLIP's trainer run the same way) and at a Flickr8k photo's
+# 500x375 (eager against OpenCLIP: what each trainer pays for decoding differs). A failed step is
+# reported and the check goes on.
 THROUGHPUT=(python benchmarks/openclip_throughput.py --model ViT-B-32 --train-images 2560 --batch-size 256
             --precision amp_bf16 --device cuda --rounds 1 --skip 10 --workers 8)
 say "== ViT-B-32, batch 256, amp_bf16, 12,800 pairs of 64-px files: clipse and OpenCLIP's trainer, eager and compiled"

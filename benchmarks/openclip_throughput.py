@@ -88,7 +88,14 @@ def source_folder(workdir: Path, train_images: int, size: str) -> tuple[Path, Pa
     return folder, csv_path, len(split.captions)
 
 
-def run_clipse(workdir: Path, name: str, folder: Path, pair_count: int, args, compiled: bool = False) -> list[tuple[float, int]]:
+def full_batch_steps(pair_count: int, batch_size: int) -> int:
+    """Steps of an epoch before its first batch of another size, by clipse's own batching (the
+    last batch is smaller, or one pair larger when a single pair is folded into it)."""
+    sizes = [len(batch) for batch in random_batches(pair_count, batch_size, 0, 0)]
+    return next((step for step, size in enumerate(sizes) if size != batch_size), len(sizes))
+
+
+def run_clipse(workdir: Path, name: str, folder: Path, full_steps: int, args, compiled: bool = False) -> list[tuple[float, int]]:
     """The timed pieces of one clipse run. Its epoch ends with a batch of another size (OpenCLIP's
     trainer drops it), which a compiled model recompiles for: the row that holds it is left out."""
     run_dir = workdir / name
@@ -100,9 +107,7 @@ def run_clipse(workdir: Path, name: str, folder: Path, pair_count: int, args, co
     run(command, ROOT)
     rows = pd.read_csv(run_dir / "training.csv")
     steps = rows["step"] - rows["step"].shift(fill_value=0)  # a row's rate covers the steps since the previous row
-    sizes = [len(batch) for batch in random_batches(pair_count, args.batch_size, 0, 0)]  # the trainer's batching
-    full = next((step for step, size in enumerate(sizes) if size != args.batch_size), len(sizes))
-    timed = (rows["step"] - steps >= args.skip) & (rows["step"] <= full)  # full batches after the warm-up
+    timed = (rows["step"] - steps >= args.skip) & (rows["step"] <= full_steps)  # full batches after the warm-up
     return list(zip(rows.loc[timed, "samples_per_s"], steps[timed]))
 
 
@@ -161,14 +166,15 @@ def main() -> None:
         workdir = Path(tmp)
         for size in sizes:
             folder, csv_path, pair_count = source_folder(workdir, args.train_images, size)
-            run_clipse(workdir, f"warm-cache-{size}", folder, pair_count, args)  # decodes into the tensor cache; not timed
+            full_steps = full_batch_steps(pair_count, args.batch_size)
+            run_clipse(workdir, f"warm-cache-{size}", folder, full_steps, args)  # decodes into the tensor cache; not timed
             round_rates = {trainer: [] for trainer in trainers}
             for round_ in range(args.rounds):
                 for trainer in trainers:
                     name = f"{trainer.replace(' --', '-')}-{size}-{round_}"
                     compiled = trainer in COMPILED
                     pieces = (run_openclip(workdir, name, csv_path, args, compiled) if trainer.startswith("OpenCLIP")
-                              else run_clipse(workdir, name, folder, pair_count, args, compiled))
+                              else run_clipse(workdir, name, folder, full_steps, args, compiled))
                     if not pieces:
                         sys.exit(f"{trainer}: no step after the {args.skip} warm-up steps was timed; use more "
                                  "--train-images or a smaller --skip, --clipse-log-every or --batch-size")

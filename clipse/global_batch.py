@@ -23,7 +23,7 @@ from clipse.losses import ContrastiveLoss
 def encode_pair(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor):
     # With --compile, a batch size stays part of the towers' graphs: after an epoch's smaller last
     # batch torch.compile would switch to one graph for every size, which ran each later full batch
-    # at 0.53-0.63 of the speed on a 2-core CPU. (No effect without --compile.)
+    # 1.6 times slower on a 2-core CPU (benchmarks/compile_batch_sizes.py). No effect without --compile.
     torch._dynamo.mark_static(images, 0)
     torch._dynamo.mark_static(tokens, 0)
     return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
