@@ -1,4 +1,6 @@
-"""Retrieval metrics on 25,000 captions x 5,000 images (a COCO-5k-sized test set).
+"""Retrieval metrics on 25,000 captions x 5,000 images (a COCO-5k-sized test set): embeddings
+of a model that retrieves (no ties) and of a collapsed one (every score tied: the tie rule's
+slowest case).
 
     python benchmarks/metrics_speed.py [--dim 512] [--repeats 3]
 """
@@ -29,15 +31,19 @@ def main() -> None:
     images = torch.nn.functional.normalize(torch.randn(args.images, args.dim, generator=g), dim=1)
     owner = np.repeat(np.arange(args.images), args.captions_per_image)
     texts = torch.nn.functional.normalize(images[owner] + torch.randn(len(owner), args.dim, generator=g), dim=1)
-    seconds = []
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        metrics = retrieval_metrics(images, texts, owner)
-        seconds.append(time.perf_counter() - started)
-    print(f"{len(owner)} captions x {args.images} images, dim {args.dim}, {torch.get_num_threads()} threads: "
-          f"median {statistics.median(seconds):.2f} s over {args.repeats} (all: "
-          f"{', '.join(f'{s:.2f}' for s in seconds)}); r1_mean {metrics['r1_mean']:.3f}")
-
+    collapsed = torch.nn.functional.normalize(torch.ones(args.dim), dim=0)
+    cases = {"retrieving": (images, texts),
+             "collapsed": (collapsed.expand(args.images, -1), collapsed.expand(len(owner), -1))}
+    for name, (image_emb, text_emb) in cases.items():
+        seconds = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            metrics = retrieval_metrics(image_emb, text_emb, owner)
+            seconds.append(time.perf_counter() - started)
+        print(f"{name}: {len(owner)} captions x {args.images} images, dim {args.dim}, {torch.get_num_threads()} "
+              f"threads: median {statistics.median(seconds):.2f} s over {args.repeats} (all: "
+              f"{', '.join(f'{s:.2f}' for s in seconds)}); r1_mean {metrics['r1_mean']:.4f}, "
+              f"tie_share {metrics['tie_share']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -11,4 +11,4 @@ import os
 # torch loads its OpenMP runtime; an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: tie-aware ranks (figures of 0.1 do not compare); CHANGELOG.md

@@ -18,7 +18,7 @@ from clipse.checkpoints import read_checkpoint
 from clipse.config import DATA_KEYS, TrainConfig, add_config_arguments, config_overrides
 from clipse.errors import UserError, cli_main, configure_logging
 from clipse.evaluation import ImageNormalizer, evaluate_split
-from clipse.metrics import METRIC_KEYS, retrieval_metrics
+from clipse.metrics import METRIC_KEYS, TIE_KEYS, retrieval_metrics
 
 __all__ = ["retrieval_metrics", "evaluate_checkpoint", "format_table", "main"]
 
@@ -62,7 +62,9 @@ def format_table(metrics: dict[str, float]) -> str:
     for prefix, label in (("i2t", "image->text"), ("t2i", "text->image")):
         rows.append(f"{label:12}" + "".join(f"{100 * metrics[f'{prefix}_r{k}']:8.2f}" for k in (1, 5, 10))
                     + f"{metrics[f'{prefix}_mr']:8.1f}{100 * metrics[f'{prefix}_map10']:9.2f}")
-    rows.append(f"R@1 mean {100 * metrics['r1_mean']:.2f}   RSUM {100 * metrics['rsum']:.2f}")
+    rows.append(f"R@1 mean {100 * metrics['r1_mean']:.2f}   RSUM {100 * metrics['rsum']:.2f}   "
+                f"tied with other content: {100 * metrics['i2t_tie_share']:.2f}% of images, "
+                f"{100 * metrics['t2i_tie_share']:.2f}% of captions")
     return "\n".join(rows)
 
 
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, type=Path, help="best.pt / last.pt of a run, or any "
                         "OpenCLIP checkpoint (then give --model and the data flags)")
     parser.add_argument("--split", choices=("val", "test"), default="test")
-    parser.add_argument("--json", action="store_true", help="print one JSON object of the metrics")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the metrics (and the tie "
+                        "shares: queries tied with a candidate of different content)")
     add_config_arguments(parser, only=CONFIG_FLAGS)
     return parser
 
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     metrics, about = evaluate_checkpoint(args.checkpoint, args.split, config_overrides(args))
     if args.json:
-        print(json.dumps({key: metrics[key] for key in METRIC_KEYS}))
+        print(json.dumps({key: metrics[key] for key in METRIC_KEYS + TIE_KEYS}))
     else:
         print(f"{about['split']} split of {about['dataset']}: {about['images']} images, {about['captions']} captions; "
               f"model {about['model']} from {about['checkpoint']}")

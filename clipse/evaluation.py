@@ -44,5 +44,6 @@ def evaluate_split(model, tensors: SplitTensors, normalize: ImageNormalizer,
                    autocast) -> tuple[dict[str, float], RetrievalRanks]:
     image_emb, text_emb = encode_split(model, tensors, normalize, autocast)
     relevant = tensors.truth.every_pair if tensors.truth is not None else None
-    ranks = retrieval_ranks(image_emb, text_emb, tensors.caption_image, relevant)
+    ranks = retrieval_ranks(image_emb, text_emb, tensors.caption_image, relevant,
+                            image_content=tensors.image_content, caption_content=tensors.caption_content)
     return metrics_from_ranks(ranks), ranks

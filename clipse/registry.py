@@ -23,7 +23,7 @@ from clipse.run_folder import RESUME_FREE_KEYS, TrainResult, append_whole
 
 REGISTRY_COLUMNS = (
     ["run_id", "study", "trial", "status", "loss", "params", "epochs_done", "best_epoch"]
-    + [f"val_{k}" for k in METRIC_KEYS] + [f"test_{k}" for k in METRIC_KEYS]
+    + [f"{split}_{k}" for split in ("val", "test") for k in (*METRIC_KEYS, "tie_share")]
     + ["duration_s", "host", "versions", "git_commit", "run_dir", "finished_at"]
 )
 OUTCOME_KEYS = ("run_id", "run_dir", "status", "epochs_done")  # one row per outcome of a run

@@ -286,9 +286,8 @@ class RunFolder:
         return TrainResult(**json.loads(self.result_file.read_text()))
 
     def save_test_ranks(self, ranks: RetrievalRanks) -> None:
-        arrays = {k: v for k, v in dataclasses.asdict(ranks).items() if v is not None}
-        replace_atomically(self.test_ranks_file, lambda tmp: np.savez(tmp, **arrays))
+        replace_atomically(self.test_ranks_file, lambda tmp: np.savez(tmp, **ranks.to_arrays()))
 
     def test_ranks(self) -> RetrievalRanks:
         with np.load(self.test_ranks_file) as data:
-            return RetrievalRanks(**{k: data[k] for k in data.files})
+            return RetrievalRanks.from_arrays({k: data[k] for k in data.files})

@@ -363,7 +363,8 @@ def format_summary(result: TrainResult, select_key: str) -> str:
         lines.append(f"diverged: non-finite loss at step {result.diverged_step}")
     if result.best_metrics:
         lines.append(f"best epoch {result.best_epoch}: {select_key} {result.best_value:.4f}")
-        lines.append("  " + "  ".join(f"{k} {result.best_metrics[f'val_{k}']:.4f}" for k in METRIC_KEYS))
+        shown = [k for k in (*METRIC_KEYS, "tie_share") if f"val_{k}" in result.best_metrics]  # older runs: no tie_share
+        lines.append("  " + "  ".join(f"{k} {result.best_metrics[f'val_{k}']:.4f}" for k in shown))
     if result.best_metrics.get("val_mp_i2t_r1") is not None:
         lines.append("  multi-positive (any truly describing caption or image): " + "  ".join(
             f"{k} {result.best_metrics[f'val_{k}']:.4f}" for k in MP_METRIC_KEYS))

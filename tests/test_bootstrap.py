@@ -3,16 +3,18 @@ simulated paired data with a known difference its 95% interval covers that diffe
 95% of repetitions, its width shrinks as 1/sqrt(n), both test images and seeds are resampled,
 and it equals a plain-loop reference. Then the summary rows and verdicts built on it."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from clipse.errors import UserError
-from clipse.metrics import METRIC_KEYS, RetrievalRanks, metrics_from_ranks, resampled_metrics, retrieval_ranks
+from clipse.metrics import METRIC_KEYS, RetrievalRanks, TiedRanks, metrics_from_ranks, resampled_metrics, retrieval_ranks
 from clipse.report.statistics import (detection_multiplier, image_variance, paired_bootstrap, power_figures,
                                       summarise, summary_verdicts, verdict)
-from clipse.report.summary import summary_markdown, uniform_weight_warnings
+from clipse.report.summary import collapse_warnings, strict_rule_warning, summary_markdown, uniform_weight_warnings
 from clipse.run_folder import RunFolder
 
 # Simulated retrieval: image i is found with probability sigmoid(difficulty_i + effect + seed
@@ -26,9 +28,10 @@ def sigmoid(x):
 
 def as_ranks(hits: np.ndarray) -> RetrievalRanks:
     """One caption per image; a hit ranks first, a miss 20th, in both directions."""
-    rank = np.where(hits, 1, 20)
-    return RetrievalRanks(t2i_rank=rank, i2t_best_rank=rank, i2t_ap10=hits.astype(float),
-                          caption_image=np.arange(len(hits)))
+    rank = TiedRanks.untied(np.where(hits, 1, 20))
+    no_ties = np.zeros(len(hits), bool)
+    return RetrievalRanks(t2i=rank, i2t=rank, i2t_ap10=hits.astype(float), caption_image=np.arange(len(hits)),
+                          t2i_content_tie=no_ties, i2t_content_tie=no_ties)
 
 
 def simulate(n_images: int, n_seeds: int, rng) -> tuple[list[RetrievalRanks], list[RetrievalRanks]]:
@@ -108,7 +111,7 @@ def reference_bootstrap(config, baseline, resamples, seed):
     """The interval by the letter: per resample draw seeds then images, recompute every metric of
     every drawn seed, difference of the means; then the 2.5th and 97.5th percentiles."""
     rng = np.random.default_rng(seed)
-    n = len(config[0].i2t_best_rank)
+    n = config[0].n_images
     differences = {}
     for _ in range(resamples):
         seeds = rng.integers(0, len(config), len(config))
@@ -133,8 +136,7 @@ def test_the_interval_is_the_central_95_percent_of_the_resampled_differences():
 def test_runs_on_different_test_sets_are_not_compared():
     config, baseline = simulate(40, 2, np.random.default_rng(12))
     shorter = [as_ranks(np.ones(39, bool))] * 2
-    other_owner = [RetrievalRanks(r.t2i_rank, r.i2t_best_rank, r.i2t_ap10, r.caption_image[::-1].copy())
-                   for r in baseline]
+    other_owner = [dataclasses.replace(r, caption_image=r.caption_image[::-1].copy()) for r in baseline]
     for other in (shorter, other_owner):
         with pytest.raises(ValueError, match="^runs were tested on different test sets; a paired comparison "
                                              "needs the same one$"):
@@ -159,7 +161,7 @@ def test_summary_rows_and_verdicts(tmp_path):
     n = 120
     hard = [as_ranks(rng.random(n) < 0.3) for _ in range(3)]
     easy = [as_ranks(rng.random(n) < 0.9) for _ in range(3)]
-    same = [as_ranks(h.t2i_rank == 1) for h in hard]
+    same = [as_ranks(h.t2i.hit_rate(1) == 1) for h in hard]
     runs = write_runs(tmp_path, {"better": easy, "baseline": hard, "same": same})
     summary = summarise(runs, "baseline", resamples=300)
     assert len(summary) == 3 * len(METRIC_KEYS)
@@ -286,7 +288,7 @@ def test_the_image_variance_is_that_of_a_mean_over_resampled_images():
     """One seed per side: resampling images gives var(hit difference) / images."""
     rng = np.random.default_rng(22)
     config, baseline = simulate(400, 1, rng)
-    hits = (config[0].t2i_rank == 1).astype(float) - (baseline[0].t2i_rank == 1).astype(float)
+    hits = (config[0].t2i.hit_rate(1) == 1).astype(float) - (baseline[0].t2i.hit_rate(1) == 1).astype(float)
     got = image_variance(config, baseline, resamples=3000)["t2i_r1"]
     assert got == pytest.approx(np.var(hits) / 400, rel=0.1)
 
@@ -303,7 +305,7 @@ def power_needed_seen(summary, runs, config, baseline) -> set:
         differences = (runs.loc[runs["label"] == label, f"test_{metric}"].to_numpy()
                        - runs.loc[runs["label"] == "baseline", f"test_{metric}"].to_numpy())
         figures = power_figures(np.var(differences, ddof=1), images_var[metric], len(differences),
-                                len(config[0].t2i_rank))
+                                config[0].n_images)
         for column, needed in (("seeds_for_1pt", figures.seeds_needed), ("images_for_1pt", figures.images_needed)):
             assert row[column] == (np.inf if needed is None else needed)
             seen.add(needed)
@@ -325,7 +327,7 @@ def test_the_report_gives_power_and_says_when_a_null_result_was_underpowered(tmp
     assert power_needed_seen(summary, runs, same, base) == {None}  # 60 images: one point is out of reach
     # 4,000 images and near-identical seeds: both are within reach
     many = [as_ranks(rng.random(4000) < 0.5) for _ in range(3)]
-    near = [as_ranks(np.where(np.arange(4000) < 5 + s, ~(r.t2i_rank == 1), r.t2i_rank == 1)) for s, r in enumerate(many)]
+    near = [as_ranks(np.where(np.arange(4000) < 5 + s, ~(r.t2i.hit_rate(1) == 1), r.t2i.hit_rate(1) == 1)) for s, r in enumerate(many)]
     close_runs = write_runs(tmp_path / "close", {"near": near, "baseline": many})
     seen = power_needed_seen(summarise(close_runs, "baseline", resamples=300), close_runs, near, many)
     assert None not in seen
@@ -348,3 +350,27 @@ def test_the_report_flags_sanw_whose_weights_stay_within_one_percent_of_one():
     warnings = uniform_weight_warnings(runs)
     assert list(warnings) == ["flat"] and "smallest 0.9935, largest 1.0050" in warnings["flat"]
     assert uniform_weight_warnings(runs.drop(columns=["train_weight_min"])) == {}
+
+
+def test_the_report_warns_of_collapse_and_of_runs_scored_under_the_strict_rule(tmp_path):
+    rng = np.random.default_rng(31)
+    collapsed_images = torch.ones(50, 4)
+    texts = torch.tensor(rng.normal(size=(50, 4)), dtype=torch.float32)
+    trained = [retrieval_ranks(texts + 0.1 * torch.tensor(rng.normal(size=(50, 4)), dtype=torch.float32), texts,
+                               np.arange(50)) for _ in range(2)]
+    collapsed = [retrieval_ranks(collapsed_images, texts, np.arange(50))] * 2
+    runs = write_runs(tmp_path, {"collapsed": collapsed, "baseline": trained})
+    text = summary_markdown(summarise(runs, "baseline", resamples=50), runs.assign(rank_rule="tie-aware"),
+                            "baseline", "intro")
+    assert "**Warning:** `collapsed` has 100.0% of its test queries tied" in text and "`baseline` has" not in text
+    assert collapse_warnings(runs.assign(test_tie_share=0.01)) == {}  # 1% is the limit, not above it
+    # a run folder of clipse 0.1 (integer ranks, no rule): loaded as the strict rule, and named
+    old = RunFolder(tmp_path / "old")
+    old.path.mkdir()
+    np.savez(old.test_ranks_file, t2i_rank=np.arange(1, 51),
+             i2t_best_rank=np.ones(50, int), i2t_ap10=np.ones(50), caption_image=np.arange(50))
+    assert old.test_ranks().rule == "strict" and metrics_from_ranks(old.test_ranks())["i2t_r1"] == 1.0
+    mixed = runs.assign(rank_rule=["tie-aware"] * 3 + ["strict"])
+    warning = strict_rule_warning(mixed)
+    assert len(warning) == 1 and "1 of 4 runs were scored under the strict-rank rule" in warning[0]
+    assert strict_rule_warning(runs.assign(rank_rule="tie-aware")) == []

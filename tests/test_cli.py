@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clipse.eval_retrieval import main as eval_main
-from clipse.metrics import METRIC_KEYS
+from clipse.metrics import METRIC_KEYS, TIE_KEYS
 from clipse.registry import REGISTRY_COLUMNS, append_row
 from clipse.train import main as train_main
 
@@ -55,9 +55,11 @@ def test_train_then_eval_from_a_config_file(tmp_path, capsys):
     as_json = in_process(eval_main, ["--checkpoint", str(run_dir / "best.pt"), "--split", "test", "--json"], capsys)
     assert as_json.returncode == 0, as_json.stderr
     metrics = json.loads(as_json.stdout)
-    assert list(metrics) == list(METRIC_KEYS)
+    assert list(metrics) == list(METRIC_KEYS + TIE_KEYS)
+    assert metrics["tie_share"] == 0.0  # a trained model ties nothing but identical captions
     table = in_process(eval_main, ["--checkpoint", str(run_dir / "best.pt"), "--split", "val"], capsys)
     assert table.returncode == 0 and "image->text" in table.stdout and "12 images, 60 captions" in table.stdout
+    assert "tied with other content: 0.00% of images, 0.00% of captions" in table.stdout
     # the val table agrees with what training logged for the best epoch
     best = pd.read_csv(run_dir / "epochs.csv").iloc[0]
     assert f"{100 * best['val_i2t_r1']:8.2f}" in table.stdout

@@ -9,7 +9,7 @@ import torch
 
 from clipse.config import TrainConfig
 from clipse.errors import UserError
-from clipse.metrics import RetrievalRanks
+from clipse.metrics import metrics_from_ranks, retrieval_ranks
 from clipse.paths import ADHOC_RUNS_DIR
 from clipse.run_folder import (RunFolder, TrainResult, append_csv, atomic_torch_save, default_run_dir, read_csv,
                                truncate_csv)
@@ -72,11 +72,12 @@ def test_results_and_ranks_round_trip_without_temporary_files(tmp_path):
     stored = result(test_metrics={"test_r1_mean": 0.25}, diverged_step=None, best_value=float("-inf"))
     folder.save_result(stored)
     assert folder.result() == stored
-    ranks = RetrievalRanks(t2i_rank=np.array([1, 3]), i2t_best_rank=np.array([2]), i2t_ap10=np.array([0.5]),
-                           caption_image=np.array([0, 0]))
+    ranks = retrieval_ranks(torch.eye(3), torch.tensor([[1.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]),
+                            [0, 1, 1, 2], torch.ones(4, 3, dtype=torch.bool))
     folder.save_test_ranks(ranks)
     loaded = folder.test_ranks()
-    assert all(np.array_equal(getattr(loaded, k), getattr(ranks, k)) for k in vars(ranks))
+    assert loaded.rule == ranks.rule == "tie-aware"
+    assert metrics_from_ranks(loaded) == metrics_from_ranks(ranks) and metrics_from_ranks(ranks)["tie_share"] > 0
     folder.save_last({"epoch": 3, "state_dict": {"w": torch.ones(2)}})
     assert folder.load_last("cpu")["epoch"] == 3
     assert not list(tmp_path.glob("*tmp*"))

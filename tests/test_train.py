@@ -21,7 +21,7 @@ from clipse.config import TrainConfig
 from clipse.errors import UserError
 from clipse.run_folder import RunFolder
 from clipse.samplers import TopicalBatchSampler
-from clipse.metrics import METRIC_KEYS, MP_METRIC_KEYS
+from clipse.metrics import METRIC_KEYS, MP_METRIC_KEYS, TIE_KEYS
 from clipse.train import build_optimizer, learning_rate, train
 from clipse.train import main as train_main
 
@@ -47,7 +47,8 @@ def test_run_folder_outputs(tiny):
     assert [int(r["step"]) for r in steps] == sorted({*range(2, 1 + 2 * 15, 2), 15, 30})  # every 2nd + epoch ends
     epochs = read_csv(run / "epochs.csv")
     assert [int(r["epoch"]) for r in epochs] == [1, 2]
-    assert {"train_loss", "seconds", *(f"val_{k}" for k in METRIC_KEYS)} <= set(epochs[0])
+    assert {"train_loss", "seconds", *(f"val_{k}" for k in METRIC_KEYS + TIE_KEYS)} <= set(epochs[0])
+    assert float(epochs[-1]["val_tie_share"]) == 0.0  # a model that trained ties nothing but identical captions
     registry = read_csv(config.registry)
     assert len(registry) == 1 and registry[0]["status"] == "completed" and registry[0]["loss"] == "sanw_bandpass"
     assert float(registry[0]["val_r1_mean"]) == pytest.approx(result.best_metrics["val_r1_mean"])
@@ -224,7 +225,7 @@ def test_eval_test_writes_ranks(tiny):
     config = tiny(eval_test=True)
     result = train(config)
     # the generated data knows its true matches: the multi-positive recalls come too
-    assert set(result.test_metrics) == {f"test_{k}" for k in METRIC_KEYS + MP_METRIC_KEYS}
+    assert set(result.test_metrics) == {f"test_{k}" for k in METRIC_KEYS + TIE_KEYS + MP_METRIC_KEYS}
     assert (Path(config.run_dir) / "test_ranks.npz").is_file()
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from clipse.data.cache import cached_images, cached_tokens
@@ -46,6 +48,18 @@ class SplitTensors:
     caption_image: torch.Tensor  # (C,) int64
     captions: list[str]
     truth: CaptionTruth | None = None  # which captions truly describe which images, where known
+
+    @functools.cached_property
+    def caption_content(self) -> np.ndarray:
+        """(C,) ids, equal for captions with identical tokens: they tie under any model."""
+        return torch.unique(self.tokens, dim=0, return_inverse=True)[1].numpy()
+
+    @functools.cached_property
+    def image_content(self) -> np.ndarray:
+        """(N,) ids, equal for pixel-identical images."""
+        ids: dict[bytes, int] = {}
+        return np.array([ids.setdefault(hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest(), len(ids))
+                         for image in self.images], dtype=np.int64)
 
 
 def load_split_tensors(split: CaptionSplit, split_name: str, resolution: int,

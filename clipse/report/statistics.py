@@ -53,9 +53,9 @@ def _draws(n_seeds: int, n_images: int, resamples: int, seed: int) -> tuple[np.n
 def _resampled_differences(config_ranks: list[RetrievalRanks], baseline_ranks: list[RetrievalRanks],
                            seeds: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
     """Per metric, (config - baseline) of the means over the drawn seeds, one value per resample."""
-    n_images = len(config_ranks[0].i2t_best_rank)
+    n_images = config_ranks[0].n_images
     for ranks in config_ranks + baseline_ranks:
-        if len(ranks.i2t_best_rank) != n_images or not np.array_equal(ranks.caption_image, config_ranks[0].caption_image):
+        if ranks.n_images != n_images or not np.array_equal(ranks.caption_image, config_ranks[0].caption_image):
             raise ValueError("runs were tested on different test sets; a paired comparison needs the same one")
     rows = np.arange(len(seeds))[:, None]
 
@@ -73,7 +73,7 @@ def paired_bootstrap(config_ranks: list[RetrievalRanks], baseline_ranks: list[Re
     """95% interval of (config - baseline) for each metric but the median ranks: seeds and
     test images resampled together for both sides. Seeds pair by position (the same training
     seed)."""
-    seeds, counts = _draws(len(config_ranks), len(config_ranks[0].i2t_best_rank), resamples, seed)
+    seeds, counts = _draws(len(config_ranks), config_ranks[0].n_images, resamples, seed)
     differences = _resampled_differences(config_ranks, baseline_ranks, seeds, counts)
     tail = (1 - CONFIDENCE) / 2 * 100
     return {key: (float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail))) for key, d in differences.items()}
@@ -84,7 +84,7 @@ def image_variance(config_ranks: list[RetrievalRanks], baseline_ranks: list[Retr
     """Variance of the mean paired difference when only the test images are resampled (every
     seed kept): the test set's share of the uncertainty."""
     n_seeds = len(config_ranks)
-    _, counts = _draws(n_seeds, len(config_ranks[0].i2t_best_rank), resamples, seed)
+    _, counts = _draws(n_seeds, config_ranks[0].n_images, resamples, seed)
     every_seed = np.tile(np.arange(n_seeds), (resamples, 1))
     differences = _resampled_differences(config_ranks, baseline_ranks, every_seed, counts)
     return {key: float(np.var(d, ddof=1)) for key, d in differences.items()}
@@ -145,7 +145,7 @@ def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2
             baseline_ranks = [load_ranks(d) for d in baseline["run_dir"]]
             interval = paired_bootstrap(config_ranks, baseline_ranks, resamples)
             images_var = image_variance(config_ranks, baseline_ranks, resamples)
-            n_images = len(config_ranks[0].i2t_best_rank)
+            n_images = config_ranks[0].n_images
         for key in METRIC_KEYS + shared_multi_positive_keys(runs):
             values = group[f"test_{key}"].astype(float)
             row = {"label": label, "metric": key, "mean": values.mean(),

@@ -22,6 +22,7 @@ import seaborn as sns  # noqa: E402
 
 from clipse.config import TEST_SET_KEYS  # noqa: E402
 from clipse.errors import UserError, cli_main  # noqa: E402
+from clipse.metrics import RANK_RULE  # noqa: E402
 from clipse.report.statistics import (ALPHA, CONFIDENCE, EFFECT_OF_INTEREST, POWER, summarise,  # noqa: E402
                                       verdict)
 from clipse.run_folder import RunFolder  # noqa: E402
@@ -62,7 +63,7 @@ def read_runs(records: list[RunRecord]) -> pd.DataFrame:
             "epochs": result.epochs_done, "best_epoch": result.best_epoch,
             **result.test_metrics, **result.best_metrics,
             **{f"train_{k}": v for k, v in result.weight_stats.items()},
-            "seconds": round(result.seconds, 1), "run_dir": str(record.run_dir),
+            "seconds": round(result.seconds, 1), "rank_rule": folder.test_ranks().rule, "run_dir": str(record.run_dir),
             "params": json.dumps({k: config[k] for k in sorted(config) if k not in ("run_dir", "registry")}),
         })
     return pd.DataFrame(rows)
@@ -82,14 +83,20 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: 
             row[key] = f"{fmt(key, by.loc[key, 'mean'])} ± {fmt(key, by.loc[key, 'std'])}"
         weights = runs.loc[runs["label"] == label, "train_weight_std"] if "train_weight_std" in runs else None
         row["SANW w std"] = f"{weights.mean():.4f}" if weights is not None else ""
+        ties = runs.loc[runs["label"] == label, "test_tie_share"] if "test_tie_share" in runs else None
+        row["tie share"] = f"{100 * ties.mean():.2f}" if ties is not None and ties.notna().all() else ""
         table_rows.append(row)
-    lines = [intro, "", "Recalls and mAP@10 in percent (mean ± std over seeds); MR in ranks. "
-             "`SANW w std`: mean spread of the negative weights in the last training epoch (0 = plain InfoNCE).",
-             "", markdown_table(table_rows, ["configuration", "seeds", *shown, "SANW w std"])]
+    lines = [intro, "", "Recalls and mAP@10 in percent (mean ± std over seeds), tie-aware: tied candidates count "
+             "in random order; MR in ranks. `SANW w std`: mean spread of the negative weights in the last "
+             "training epoch (0 = plain InfoNCE). `tie share`: percent of test queries whose relevant score "
+             "ties exactly with a candidate of different content (a sign of collapse).",
+             "", markdown_table(table_rows, ["configuration", "seeds", *shown, "SANW w std", "tie share"])]
     if len(shown) > len(HEADLINE):
         lines += ["", "`mp_*`: multi-positive recalls, where the data knows which captions truly describe which "
                   "images: a hit is any truly describing caption (i2t) or truly described image (t2i)."]
     lines += [f"\n**Warning:** `{label}` {text}" for label, text in uniform_weight_warnings(runs).items()]
+    lines += [f"\n**Warning:** `{label}` {text}" for label, text in collapse_warnings(runs).items()]
+    lines += strict_rule_warning(runs)
     if baseline_label and "diff" in summary:
         lines += ["", f"Against the baseline `{baseline_label}`: difference of means, {int(CONFIDENCE * 100)}% "
                   "interval from a paired bootstrap over test images and seeds (none for MR).", ""]
@@ -124,6 +131,31 @@ def uniform_weight_warnings(runs: pd.DataFrame) -> dict[str, str]:
             warnings[label] = (f"is {group['loss'].iloc[0]}, but its negative weights stayed within 1% of 1 (smallest "
                                f"{low:.4f}, largest {high:.4f}): it trained as plain InfoNCE would.")
     return warnings
+
+
+COLLAPSE_TIE_SHARE = 0.01  # more test queries than this tied with other content: the model (partly) collapsed
+
+
+def collapse_warnings(runs: pd.DataFrame) -> dict[str, str]:
+    """Configurations where more than 1% of test queries (in either direction, mean over seeds)
+    tie exactly with a candidate of different content: their embeddings (partly) collapsed."""
+    if "test_tie_share" not in runs:
+        return {}
+    shares = runs.groupby("label", sort=False)["test_tie_share"].mean()
+    return {label: (f"has {100 * share:.1f}% of its test queries tied with a candidate of different content: "
+                    "its embeddings (partly) collapsed, and its recalls are those of random order among the tied.")
+            for label, share in shares.items() if share > COLLAPSE_TIE_SHARE}
+
+
+def strict_rule_warning(runs: pd.DataFrame) -> list[str]:
+    """Runs scored by clipse before the tie-aware ranks, which counted ties for the relevant item."""
+    old = runs.loc[runs["rank_rule"] != RANK_RULE, "run_dir"] if "rank_rule" in runs else []
+    if not len(old):
+        return []
+    return [f"\n**Warning:** {len(old)} of {len(runs)} runs were scored under the strict-rank rule of earlier "
+            "clipse versions (ties counted for the relevant item, so a collapsed model scores perfectly); their "
+            "figures do not compare with the others'. Move their folders away and run the report again to retrain "
+            "them: " + ", ".join(f"`{d}`" for d in old)]
 
 
 def power_markdown(summary: pd.DataFrame, baseline_label: str) -> list[str]:
