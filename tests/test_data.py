@@ -392,3 +392,15 @@ def test_a_single_leftover_pair_joins_the_last_batch():
     batches = sampler.batches(0)
     assert sorted(len(b) for b in batches) == [16, 17]
     assert sorted(np.concatenate(batches).tolist()) == list(range(33))
+
+
+def test_each_epoch_visits_the_clusters_in_its_own_order():
+    """Round-robin over the clusters starts where the epoch's seed says, not at cluster 0 every
+    epoch (which would give cluster 0 the first step of every epoch)."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(6, 8)) * 10
+    features = centres[rng.integers(0, 6, size=600)] + rng.normal(size=(600, 8))
+    sampler = TopicalBatchSampler(features, batch_size=16, seed=0, n_clusters=6)
+    orders = [tuple(sampler.labels[b[0]] for b in sampler.batches(epoch)[:6]) for epoch in range(6)]
+    assert all(len(set(order)) == 6 for order in orders)  # each epoch cycles through every cluster
+    assert len({order[0] for order in orders}) > 1 and len(set(orders)) == 6

@@ -141,3 +141,15 @@ def test_repair_will_not_renumber_trials_unless_forced(tmp_path, capsys):
     assert journal_main(["repair", "--force", str(journal)]) == 0
     assert "dropped 1 unreadable lines" in capsys.readouterr().out
     assert check_journal(journal).sound
+
+
+def test_repair_of_a_torn_tail_keeps_the_last_complete_record(tmp_path, capsys):
+    """A writer killed mid-append at the end of the journal: repair cuts the torn bytes and keeps
+    every complete record, the last one before them included."""
+    journal = tmp_path / "journal.log"
+    plain_study(journal, trials=3)
+    sound = journal.read_bytes()
+    journal.write_bytes(sound + TORN)
+    assert journal_main(["repair", str(journal)]) == 0
+    assert journal.read_bytes() == sound
+    assert [t.value for t in loaded_by_plain_optuna(journal)] == [0.0, 1.0, 2.0]

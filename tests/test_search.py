@@ -2,6 +2,8 @@
 resume, Ctrl-C, kills, workers, bad input, and a real optuna-dashboard reading the study over
 HTTP."""
 
+import csv
+import io
 import json
 import os
 import signal
@@ -19,7 +21,10 @@ from optuna.trial import TrialState
 
 from clipse.errors import UserError
 from clipse.executors import ExecutorOptions
+from clipse import objective as objective_module
 from clipse.objective import StudyRef
+from clipse.run_folder import RunFolder, TrainResult
+from clipse.train import EpochReport
 from clipse.search import SearchOptions, TrialWorkload, run_search
 from clipse.search import main as search_main
 from clipse.study import (HEARTBEAT_ATTR, LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage,
@@ -82,6 +87,11 @@ def test_inline_search_records_everything(tmp_path, capsys):
     assert "3/3 trials done" in out.err
     registry = (tmp_path / "studies" / "run_registry.csv").read_text().splitlines()
     assert len(registry) == 4 and all("bandpass" in line for line in registry[1:])
+    # each row names its trial: the number of the trial whose run folder it is
+    rows = list(csv.DictReader(io.StringIO("\n".join(registry))))
+    by_run = {t.user_attrs["run_dir"]: t.number for t in trials}
+    assert sorted(int(row["trial"]) for row in rows) == [0, 1, 2]
+    assert all(int(row["trial"]) == by_run[row["run_dir"]] for row in rows)
 
 
 @pytest.mark.slow
@@ -408,3 +418,41 @@ def test_unreachable_storage_is_one_line(tmp_path, capsys):
                         "postgresql://nobody@127.0.0.1:1/none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: storage postgresql://nobody@127.0.0.1:1/none: cannot open")
+
+
+@pytest.mark.slow
+def test_the_pruner_sees_each_epochs_value_not_the_best_so_far(tmp_path, monkeypatch):
+    """A single-seed trial reports every epoch's own value, also when it falls below an earlier one."""
+    values = [0.30, 0.10, 0.20]
+
+    def fake_train(config, callbacks=()):
+        folder = RunFolder(config.run_dir)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        for epoch, value in enumerate(values, start=1):
+            for callback in callbacks:
+                callback(EpochReport(epoch, len(values), {"val_r1_mean": value}, {}, folder.path))
+        return TrainResult(run_id="fake", run_dir=str(folder.path), status="completed", epochs_done=3, best_epoch=1,
+                           best_value=0.30, best_metrics={"val_r1_mean": 0.30}, last_metrics={}, weight_stats={})
+
+    monkeypatch.setattr(objective_module, "train", fake_train)
+    run_search(options(tmp_path, "baseline", 1, pruner="none"))
+    trial = load_study(tmp_path, "baseline").get_trials()[0]
+    assert trial.intermediate_values == {1: 0.30, 2: 0.10, 3: 0.20} and trial.value == 0.30
+
+
+@pytest.mark.slow
+def test_heartbeat_grace_is_in_seconds(tmp_path):
+    """A trial whose worker elsewhere last beat 90 s ago is lost under --heartbeat-grace 30: the
+    search retries it and finishes (read in minutes, the grace would hold it RUNNING forever)."""
+    args = search_args(tmp_path, "baseline", 1, "--epochs", "1")
+    assert cli(tmp_path, *args).returncode == 0
+    study = load_study(tmp_path, "baseline")
+    trial = study.ask()
+    trial.suggest_float("lr", 5e-4, 5e-3, log=True)  # a running trial of another host, silent for 90 s
+    trial.set_user_attr(OWNER_ATTR, {"kind": "process", "host": "another-host", "pid": 1, "session": "gone"})
+    trial.set_user_attr(HEARTBEAT_ATTR, time.time() - 90)
+    args[args.index("--trials") + 1] = "2"
+    finished = cli(tmp_path, *args, "--heartbeat-grace", "30", timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    counts = count_trials(load_study(tmp_path, "baseline"))
+    assert counts.complete == 2 and counts.running == 0

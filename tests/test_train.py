@@ -18,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from clipse import train as train_module
 from clipse.config import TrainConfig
+from clipse.eval_retrieval import evaluate_checkpoint
 from clipse.errors import UserError
 from clipse.run_folder import RunFolder
 from clipse.samplers import TopicalBatchSampler
@@ -219,6 +220,27 @@ def test_callbacks_see_epochs_and_can_stop(tiny):
     result = train(tiny(epochs=3), [stop_after_first])
     assert result.status == "stopped" and result.epochs_done == 1 and [s[0] for s in seen] == [1]
     assert "weight_mean" in seen[0][2]
+
+
+def test_eval_test_scores_the_best_checkpoint_on_the_test_split(tiny):
+    """The test metrics are the best checkpoint's on the test split (20 images, not the 12 of validation)."""
+    config = tiny(eval_test=True, shapes_test_images=20)
+    result = train(config)
+    ranks = RunFolder(config.run_dir).test_ranks()
+    assert ranks.n_images == 20 and len(ranks.caption_image) == 100
+    metrics, about = evaluate_checkpoint(Path(config.run_dir) / "best.pt", "test", {})
+    assert about["images"] == 20
+    assert result.test_metrics == {f"test_{key}": value for key, value in metrics.items()}
+
+
+def test_the_learning_rate_warms_up_from_the_first_step(tiny):
+    """One warm-up epoch of 15 steps: the first step trains at 1/15 of the peak, rising linearly to it."""
+    config = tiny(log_every=1, lr=1e-3, warmup_epochs=1.0)
+    train(config)
+    lrs = [float(row["lr"]) for row in read_csv(Path(config.run_dir) / "training.csv")]
+    assert len(lrs) == 30
+    assert lrs[:15] == pytest.approx([1e-3 * (step + 1) / 15 for step in range(15)], rel=1e-12)
+    assert all(a > b for a, b in zip(lrs[15:], lrs[16:]))  # then the cosine decay
 
 
 def test_eval_test_writes_ranks(tiny):
