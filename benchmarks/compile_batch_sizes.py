@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from clipse.assembly import dataset_for, model_for, split_tensors  # noqa: E402
+from clipse.training.assembly import dataset_for, model_for, split_tensors  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
-from clipse.samplers import random_batches  # noqa: E402
-from clipse.train import train  # noqa: E402
+from clipse.data.sampling import random_batches  # noqa: E402
+from clipse.training.trainer import train  # noqa: E402
 
 STATIC, AUTOMATIC, EAGER = "compiled, static sizes (clipse)", "compiled, automatic", "eager"
 

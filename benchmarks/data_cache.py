@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def load_all(config, loaded):
-    from clipse.assembly import dataset_for, split_tensors
+    from clipse.training.assembly import dataset_for, split_tensors
 
     dataset = dataset_for(config)
     return [split_tensors(dataset, split, loaded) for split in ("train", "val", "test")]
@@ -29,7 +29,7 @@ def load_all(config, loaded):
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="clipse-cache-bench-") as tmp:
         os.environ["CLIPSE_CACHE"] = tmp
-        from clipse.assembly import model_for
+        from clipse.training.assembly import model_for
         from clipse.config import TrainConfig
         from clipse.data.synthetic import ShapesSpec, ensure_shapes_dataset
 

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from clipse.study import open_storage  # noqa: E402
+from clipse.search.study import open_storage  # noqa: E402
 
 STUDY = "journal-limits"
 ATTRS = 14

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clipse.metrics import retrieval_metrics  # noqa: E402
+from clipse.evaluation.metrics import retrieval_metrics  # noqa: E402
 
 
 def main() -> None:

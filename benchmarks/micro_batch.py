@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from clipse.assembly import autocast_for, model_for, resolve_device  # noqa: E402
-from clipse.batches import StepBatch  # noqa: E402
+from clipse.training.assembly import autocast_for, model_for, resolve_device  # noqa: E402
+from clipse.training.batches import StepBatch  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
-from clipse.distributed import SINGLE_PROCESS  # noqa: E402
-from clipse.evaluation import ImageNormalizer  # noqa: E402
-from clipse.global_batch import contrastive_backward  # noqa: E402
+from clipse.training.distributed import SINGLE_PROCESS  # noqa: E402
+from clipse.evaluation.encoding import ImageNormalizer  # noqa: E402
+from clipse.training.global_batch import contrastive_backward  # noqa: E402
 
 CONFIGURATIONS = [("batch 128", 128, 0), ("batch 1024", 1024, 0), ("batch 1024, micro-batch 128", 1024, 128)]
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from clipse.image_decode import decode_images, usable_cpus  # noqa: E402
+from clipse.data.image_decode import decode_images, usable_cpus  # noqa: E402
 
 RESOLUTION = 224
 

@@ -13,22 +13,24 @@ import dataclasses
 import difflib
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from clipse.data.readers import DATA_KINDS
 from clipse.data.synthetic import SHAPES_FN_LEVELS
-from clipse.errors import UserError
-from clipse.fields import add_argument, choices_of, default_of, is_optional, key_of, keys_in_group, kind_of, setting
+from clipse.util.errors import UserError
+from clipse.util.fields import add_argument, choices_of, default_of, is_optional, key_of, keys_in_group, kind_of, setting
 from clipse.losses import LOSSES, ContrastiveLoss, loss_defaults, loss_names, loss_parameters
-from clipse.paths import ADHOC_RUNS_DIR, DEFAULT_STUDIES_DIR, registry_file
-from clipse.trackers import tracking_problems
+from clipse.util.paths import ADHOC_RUNS_DIR, DEFAULT_STUDIES_DIR, registry_file
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 SELECT_METRICS = ("val_r1_mean", "val_i2t_r1", "val_t2i_r1", "val_rsum")
+# Checks of settings whose meaning lives in a higher layer (the trackers check --report-to): each
+# registers itself when imported, since this module cannot import them (``TrainConfig.validate``).
+SETTING_CHECKS: list[Callable[["TrainConfig"], list[str]]] = []
 
 
 @dataclass
@@ -164,7 +166,8 @@ class TrainConfig:
             problems.append(f"batch_size={self.batch_size}: needs at least one pair per process (nproc={self.nproc})")
         if self.init_temperature <= 0:
             problems.append(f"init_temperature={self.init_temperature}: must be positive")
-        problems += tracking_problems(self)
+        for check in SETTING_CHECKS:
+            problems += check(self)
         if self.data != "shapes" and not self.data_root:
             problems.append(f"data={self.data} needs data_root (--data-root)")
         if problems:

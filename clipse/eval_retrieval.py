@@ -13,12 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-from clipse.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors
-from clipse.checkpoints import read_checkpoint
+from clipse.training.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors
+from clipse.util.checkpoints import read_checkpoint
 from clipse.config import DATA_KEYS, TrainConfig, add_config_arguments, config_overrides
-from clipse.errors import UserError, cli_main, configure_logging
-from clipse.evaluation import ImageNormalizer, evaluate_split
-from clipse.metrics import METRIC_KEYS, TIE_KEYS, retrieval_metrics
+from clipse.util.errors import UserError, cli_main, configure_logging
+from clipse.evaluation.encoding import ImageNormalizer, evaluate_split
+from clipse.evaluation.metrics import METRIC_KEYS, TIE_KEYS, retrieval_metrics
 
 __all__ = ["retrieval_metrics", "evaluate_checkpoint", "format_table", "main"]
 

@@ -32,17 +32,17 @@ import optuna
 from optuna.trial import TrialState
 
 from clipse.config import STUDY_TRACKING_KEYS, TrainConfig, add_config_arguments, config_overrides
-from clipse.errors import UserError, cli_main, configure_logging
-from clipse.confirm import confirmed_ranking, confirmed_row
+from clipse.util.errors import UserError, cli_main, configure_logging
+from clipse.search.confirm import confirmed_ranking, confirmed_row
 from clipse.executors import ExecutorOptions
-from clipse.planned_runs import PlannedRun, train_planned
-from clipse.fields import add_arguments, check_at_least, from_arguments, setting
-from clipse.paths import DEFAULT_STUDIES_DIR, StudyFolder
-from clipse.report.dynamics import plot_runs
+from clipse.search.planned_runs import PlannedRun, train_planned
+from clipse.util.fields import add_arguments, check_at_least, from_arguments, setting
+from clipse.util.paths import DEFAULT_STUDIES_DIR, StudyFolder
+from clipse.runs.plots import plot_runs
 from clipse.report.search_plots import plot_search
-from clipse.report.statistics import summary_verdicts
+from clipse.report.comparison import summary_verdicts
 from clipse.report.summary import RunRecord, write_report
-from clipse.study import (is_rdb_url, open_storage, ranked_trials, secure_storage, stored_settings, study_names,
+from clipse.search.study import (is_rdb_url, open_storage, ranked_trials, secure_storage, stored_settings, study_names,
                           trial_settings)
 from clipse.trackers.study_record import open_study_record
 

@@ -5,7 +5,7 @@ import signal
 import threading
 import time
 
-from clipse.errors import UserError
+from clipse.util.errors import UserError
 from clipse.executors import worker_environment
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from clipse.study import count_trials, open_storage, retried_numbers
+from clipse.search.study import count_trials, open_storage, retried_numbers
 
 
 def wait_for(predicate, timeout: float = 300, interval: float = 0.2) -> bool:

@@ -6,10 +6,10 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from clipse.batches import StepBatch
+from clipse.training.batches import StepBatch
 from clipse.config import TrainConfig
-from clipse.distributed import SINGLE_PROCESS, Ranks
-from clipse.global_batch import contrastive_backward
+from clipse.training.distributed import SINGLE_PROCESS, Ranks
+from clipse.training.global_batch import contrastive_backward
 
 DIM, TOKENS, EMBED = 12, 6, 8
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from clipse.eval_retrieval import main as eval_main
-from clipse.metrics import METRIC_KEYS, TIE_KEYS
-from clipse.registry import REGISTRY_COLUMNS, append_row
+from clipse.evaluation.metrics import METRIC_KEYS, TIE_KEYS
+from clipse.runs.registry import REGISTRY_COLUMNS, append_row
 from clipse.train import main as train_main
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",

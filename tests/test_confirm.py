@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipse.confirm import CONFIRMED_ATTR
-from clipse.errors import UserError
+from clipse.search.confirm import CONFIRMED_ATTR
+from clipse.util.errors import UserError
 from clipse.final import best_trials
-from clipse.run_folder import RunFolder
-from clipse.search import SearchOptions, run_search
+from clipse.runs.folder import RunFolder
+from clipse.search.command import SearchOptions, run_search
 
 from helpers import load_study, wait_for
 

@@ -13,9 +13,9 @@ import sys
 import optuna
 import pytest
 
-from clipse.errors import UserError
-from clipse.search import SearchOptions, run_search
-from clipse.study import count_trials, secure_storage
+from clipse.util.errors import UserError
+from clipse.search.command import SearchOptions, run_search
+from clipse.search.study import count_trials, secure_storage
 
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",

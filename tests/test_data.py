@@ -12,8 +12,8 @@ import torch
 from clipse.data import ShapesSpec, load_caption_dataset, load_split_tensors
 from clipse.data.cache import cached_images, cached_tokens
 from clipse.data.synthetic import ensure_shapes_dataset
-from clipse.errors import UserError
-from clipse.samplers import TopicalBatchSampler, auto_cluster_count, random_batches
+from clipse.util.errors import UserError
+from clipse.data.sampling import TopicalBatchSampler, auto_cluster_count, random_batches
 
 from datafiles import (captions_for, write_flickr8k, write_jpeg, write_kaggle_captions, write_karpathy,
                        write_openclip_csv)
@@ -181,7 +181,7 @@ def test_image_cache_decodes_once_and_notices_changes(tmp_path, fresh_cache):
 
 
 def test_parallel_decoding_gives_the_sequential_array_and_names_a_bad_file(tmp_path):
-    from clipse.image_decode import BLOCK, decode_images
+    from clipse.data.image_decode import BLOCK, decode_images
 
     paths = []
     for i in range(BLOCK + 5):  # two blocks, the second one short
@@ -199,7 +199,7 @@ def test_parallel_decoding_works_inside_a_daemon_worker(tmp_path):
     """Trials run in daemon processes, which may not start processes of their own."""
     import multiprocessing
 
-    from clipse.image_decode import decode_images
+    from clipse.data.image_decode import decode_images
 
     paths = []
     for i in range(70):

@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from clipse.errors import UserError
+from clipse.util.errors import UserError
 from clipse.executors import Resources, Task, executor_from_options
 from clipse.executors import ExecutorOptions
 from clipse.executors.local import gpu_sets
-from clipse.study import open_storage, study_names
+from clipse.search.study import open_storage, study_names
 
 import ranks_worker
 from helpers import load_study, wait_for
@@ -108,7 +108,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from conftest import tiny_config
 from pathlib import Path
-from clipse.train import train
+from clipse.training.trainer import train
 result = train(tiny_config(Path({tmp!r}), epochs=3, nproc=2), [lambda report: True])
 print(result.status, result.epochs_done)
 """
@@ -235,8 +235,8 @@ def test_search_asking_for_more_gpus_than_exist_is_one_line(tmp_path):
 
 def test_every_process_gets_pairs_of_every_batch():
     """A last batch shorter than the process count is folded into the one before it."""
-    from clipse.distributed import Ranks
-    from clipse.samplers import fold_short_tail, random_batches
+    from clipse.training.distributed import Ranks
+    from clipse.data.sampling import fold_short_tail, random_batches
 
     batches = fold_short_tail(random_batches(66, 32, 0, 0), 3)  # 32, 32, 2 -> 32, 34
     assert [len(b) for b in batches] == [32, 34]

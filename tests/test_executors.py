@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import executor_tasks
-from clipse.errors import UserError
-from clipse.executors import (CANCELLED, DONE, FAILED, LOST, ExecutorOptions, Resources, SlurmOptions, Task,
-                              executor_from_options)
+from clipse.util.errors import UserError
+from clipse.executors import CANCELLED, DONE, FAILED, LOST, ExecutorOptions, Resources, Task, executor_from_options
+from clipse.executors.slurm import SlurmOptions
 
 BACKENDS = ["inline", "local", pytest.param("slurm", marks=[pytest.mark.slurm, pytest.mark.slow])]
 
@@ -31,7 +31,7 @@ def backend(request, tmp_path):
 
     def make(workers=2):
         options = ExecutorOptions(executor=name, workers=1 if name == "inline" else workers, resources=resources,
-                                  slurm=slurm)
+                                  backend_options={"slurm": slurm})
         return executor_from_options(options, tmp_path / "jobs", job_name="contract")
 
     return name, make

@@ -14,14 +14,15 @@ from PIL import Image
 from analysis.dynamics import main as dynamics_main
 from analysis.search_plots import main as plots_main
 from analysis.summary import main as summary_main
-from clipse.report.statistics import load_ranks, paired_bootstrap
+from clipse.evaluation.statistics import paired_bootstrap
+from clipse.report.comparison import load_ranks
 from clipse.config import TrainConfig
 from clipse.executors import DONE, LOST, ExecutorOptions
 from clipse.final import FinalOptions, run_final
-from clipse.planned_runs import PlannedRun, RunWorkload
+from clipse.search.planned_runs import PlannedRun, RunWorkload
 from clipse.final import main as final_main
-from clipse.metrics import METRIC_KEYS, metrics_from_ranks
-from clipse.search import SearchOptions, run_search
+from clipse.evaluation.metrics import METRIC_KEYS, metrics_from_ranks
+from clipse.search.command import SearchOptions, run_search
 
 from helpers import load_study
 
@@ -150,7 +151,7 @@ def test_unknown_study_lists_existing_ones(report, capsys):
 def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
     """A model that ranks every query first versus one that is random: the interval excludes 0;
     the same runs against themselves: it is [0, 0]."""
-    from clipse.metrics import retrieval_ranks
+    from clipse.evaluation.metrics import retrieval_ranks
     import torch
     g = torch.Generator().manual_seed(0)
     owner = np.repeat(np.arange(40), 3)

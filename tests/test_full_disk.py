@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from clipse.config import config_yaml
-from clipse.errors import StorageFull
-from clipse.train import train
+from clipse.util.errors import StorageFull
+from clipse.training.trainer import train
 
 
 def limited_to(size: int):
@@ -38,9 +38,9 @@ def test_an_append_that_does_not_fit_leaves_no_half_row(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-from clipse.errors import StorageFull
-from clipse.registry import append_row
-from clipse.run_folder import append_csv
+from clipse.util.errors import StorageFull
+from clipse.runs.registry import append_row
+from clipse.runs.folder import append_csv
 for write in (lambda: append_csv(Path({str(csv_path)!r}), [{{"epoch": 2, "value": "x" * 500}}]),
               lambda: append_row(Path({str(registry)!r}), {{"run_id": "r", "params": "y" * 5000}})):
     try:
@@ -83,8 +83,8 @@ def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one_and_resume_finish
 def test_a_search_trial_that_hits_a_full_disk_fails_with_one_line_and_its_retry_resumes(tmp_path, monkeypatch):
     from optuna.trial import TrialState
 
-    import clipse.run_folder as run_folder
-    from clipse.search import run_search
+    import clipse.runs.folder as run_folder
+    from clipse.search.command import run_search
 
     from helpers import load_study
     from test_search import options
@@ -112,7 +112,7 @@ def test_a_search_trial_that_hits_a_full_disk_fails_with_one_line_and_its_retry_
 
 
 def test_storage_full_names_the_file_and_other_os_errors_pass_through(tmp_path):
-    from clipse.errors import storage_full_is_one_line
+    from clipse.util.errors import storage_full_is_one_line
 
     with pytest.raises(StorageFull, match="cannot write /x/y: Disk quota exceeded"):
         with storage_full_is_one_line(Path("/x/y")):

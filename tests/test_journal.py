@@ -8,10 +8,11 @@ import optuna
 import pytest
 from optuna.storages.journal import JournalFileBackend
 
-from clipse.errors import UserError
-from clipse.journal import check_journal, main as journal_main
-from clipse.search import run_search
-from clipse.study import count_trials, open_storage
+from clipse.util.errors import UserError
+from clipse.journal import main as journal_main
+from clipse.search.journal import check_journal
+from clipse.search.command import run_search
+from clipse.search.study import count_trials, open_storage
 
 from test_search import options
 

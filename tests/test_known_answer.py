@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-import clipse.metrics
+import clipse.evaluation.metrics
 from clipse.data import ShapesSpec, load_caption_dataset
 from clipse.data import synthetic
 from clipse.data.synthetic import SHAPES_FN_LEVELS, ensure_shapes_dataset, strip_prefix
 from clipse.data.truth import CaptionTruth
 from clipse.losses import LOSSES
 from clipse.losses.base import false_negative_stats
-from clipse.metrics import MP_METRIC_KEYS, metrics_from_ranks, resampled_metrics, retrieval_ranks
-from clipse.samplers import random_batches
-from clipse.train import train
+from clipse.evaluation.metrics import MP_METRIC_KEYS, metrics_from_ranks, resampled_metrics, retrieval_ranks
+from clipse.data.sampling import random_batches
+from clipse.training.trainer import train
 
 SHAPE = r"(small|large) (\w+) (\w+) at the ([\w ]+?)"
 COMPLETE_ONE = re.compile(rf"^a single {SHAPE} of a (\w+) picture$")
@@ -162,7 +162,7 @@ def test_multi_positive_metrics_on_a_case_worked_by_hand():
 
 @pytest.mark.parametrize("row_block", [256, 5], ids=["one block", "several blocks"])
 def test_multi_positive_metrics_equal_a_plain_loop_with_shared_captions(monkeypatch, row_block):
-    monkeypatch.setattr(clipse.metrics, "_ROW_BLOCK", row_block)  # rows are ranked in blocks of this many
+    monkeypatch.setattr(clipse.evaluation.metrics, "_ROW_BLOCK", row_block)  # rows are ranked in blocks of this many
     rng = np.random.default_rng(5)
     n_images, owner = 12, np.repeat(np.arange(12), 3)
     relevant = rng.random((len(owner), n_images)) < 0.15

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipse.metrics import METRIC_KEYS, TIE_KEYS, metrics_from_ranks, retrieval_metrics, retrieval_ranks
+from clipse.evaluation.metrics import METRIC_KEYS, TIE_KEYS, metrics_from_ranks, retrieval_metrics, retrieval_ranks
 
 
 def reference_metrics(S, owner):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipse.errors import UserError
+from clipse.util.errors import UserError
 from clipse.models import PROJECT_MODELS, cached_pretrained_file, create_model, list_models, resolve_weights
 
 

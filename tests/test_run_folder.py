@@ -3,15 +3,14 @@ after a crash, atomic files, and round trips of what it stores."""
 
 import re
 
-import numpy as np
 import pytest
 import torch
 
 from clipse.config import TrainConfig
-from clipse.errors import UserError
-from clipse.metrics import metrics_from_ranks, retrieval_ranks
-from clipse.paths import ADHOC_RUNS_DIR
-from clipse.run_folder import (RunFolder, TrainResult, append_csv, atomic_torch_save, default_run_dir, read_csv,
+from clipse.util.errors import UserError
+from clipse.evaluation.metrics import metrics_from_ranks, retrieval_ranks
+from clipse.util.paths import ADHOC_RUNS_DIR
+from clipse.runs.folder import (RunFolder, TrainResult, append_csv, atomic_torch_save, default_run_dir, read_csv,
                                truncate_csv)
 
 

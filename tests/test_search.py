@@ -19,15 +19,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from clipse.errors import UserError
+from clipse.util.errors import UserError
 from clipse.executors import ExecutorOptions
-from clipse import objective as objective_module
-from clipse.objective import StudyRef
-from clipse.run_folder import RunFolder, TrainResult
-from clipse.train import EpochReport
-from clipse.search import SearchOptions, TrialWorkload, run_search
-from clipse.search import main as search_main
-from clipse.study import (HEARTBEAT_ATTR, LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage,
+from clipse.search import objective as objective_module
+from clipse.search.objective import StudyRef
+from clipse.runs.folder import RunFolder, TrainResult
+from clipse.training.trainer import EpochReport
+from clipse.search.command import SearchOptions, TrialWorkload, run_search
+from clipse.search.command import main as search_main
+from clipse.search.study import (HEARTBEAT_ATTR, LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage,
                           retry_lost_trial, sweep_lost_trials, take_trial)
 
 from helpers import epochs_done, load_study, wait_for, was_retried

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from clipse.study import LOST_ATTR, OWNER_ATTR, count_trials
+from clipse.search.study import LOST_ATTR, OWNER_ATTR, count_trials
 
 from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for, was_retried
 

@@ -4,8 +4,8 @@ import optuna
 import pytest
 
 from clipse.config import TrainConfig
-from clipse.errors import UserError
-from clipse.spaces import SPACES_DIR, available_spaces, load_space
+from clipse.util.errors import UserError
+from clipse.search.spaces import SPACES_DIR, available_spaces, load_space
 
 DOCUMENTED = {  # docs/losses.md: the search spaces must cover at least these ranges
     "debias": {"alpha": (0.1, 0.3), "delta": (0.2, 0.5), "lambda": (0.5, 2.0)},

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipse.batches import TrainingBatches, augment_batch
-from clipse.distributed import Ranks
-from clipse.evaluation import ImageNormalizer
+from clipse.training.batches import TrainingBatches, augment_batch
+from clipse.training.distributed import Ranks
+from clipse.evaluation.encoding import ImageNormalizer
 from clipse.train import main as train_main
-from clipse.train import train
+from clipse.training.trainer import train
 
 
 def step_losses(result) -> list[float]:
@@ -39,7 +39,7 @@ def test_precision_on_the_cpu(tiny):
 
 
 def test_gradient_checkpointing_is_switched_on_in_both_towers(tiny):
-    from clipse.assembly import model_for, prepare_model
+    from clipse.training.assembly import model_for, prepare_model
 
     config = tiny(grad_checkpointing=True)
     model = prepare_model(model_for(config).model, config)
@@ -90,7 +90,7 @@ def test_compiled_training_graphs_keep_the_batch_size_static(tiny, monkeypatch):
 
 
 def test_a_full_crop_is_the_identity_and_a_flip_mirrors(monkeypatch):
-    import clipse.batches as batches
+    import clipse.training.batches as batches
 
     images = torch.rand(4, 3, 8, 8)
     monkeypatch.setattr(batches, "CROP_SCALE", (1.0, 1.0))
@@ -104,7 +104,7 @@ def test_a_full_crop_is_the_identity_and_a_flip_mirrors(monkeypatch):
 
 
 def test_augmentation_is_seeded_by_the_step(tiny):
-    from clipse.assembly import dataset_for, model_for, split_tensors
+    from clipse.training.assembly import dataset_for, model_for, split_tensors
 
     config = tiny()
     loaded = model_for(config)
@@ -133,7 +133,7 @@ def test_an_augmented_run_is_reproducible_and_differs(tiny):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_batches_on_cuda_equal_the_cpu_path(tiny):
-    from clipse.assembly import dataset_for, model_for, split_tensors
+    from clipse.training.assembly import dataset_for, model_for, split_tensors
 
     config = tiny()
     loaded = model_for(config)

@@ -11,16 +11,16 @@ import yaml
 from optuna.trial import TrialState
 
 from clipse.config import TrainConfig
-from clipse.errors import UserError
+from clipse.util.errors import UserError
 from clipse.final import FinalOptions, run_final
-from clipse.search import SearchOptions, run_search
-from clipse.search import main as search_main
-from clipse.spaces import Param, SearchSpace, load_space
-from clipse.study import (WEIGHT_CONSTRAINT, StudySettings, count_trials, create_or_load, open_storage, ranked_trials, retry_lost_trial,
+from clipse.search.command import SearchOptions, run_search
+from clipse.search.command import main as search_main
+from clipse.search.spaces import Param, SearchSpace, load_space
+from clipse.search.study import (WEIGHT_CONSTRAINT, StudySettings, count_trials, create_or_load, open_storage, ranked_trials, retry_lost_trial,
                           study_names)
-from clipse.run_folder import RunFolder
-from clipse.study_samplers import SAMPLERS, build_sampler, grid_size, grid_values
-from clipse.train import train
+from clipse.runs.folder import RunFolder
+from clipse.search.samplers import SAMPLERS, build_sampler, grid_size, grid_values
+from clipse.training.trainer import train
 
 from helpers import load_study
 
@@ -237,7 +237,7 @@ def study_with_trials(metrics: list[str], completed: int) -> optuna.Study:
     """An in-memory debias study as clipse makes them, with random trials reporting two epochs."""
     from dataclasses import asdict
 
-    from clipse.study import SETTINGS_ATTR, StudySettings
+    from clipse.search.study import SETTINGS_ATTR, StudySettings
 
     space = load_space("debias")
     settings = StudySettings(space="debias", space_digest=space.digest, space_definition=space.to_dict(),
@@ -383,7 +383,7 @@ class PruningTrial:
 
 
 def test_a_pruned_trial_of_several_seeds_ends_each_seed_as_a_stopped_run(tiny):
-    from clipse.objective import train_seeds
+    from clipse.search.objective import train_seeds
 
     config = tiny(epochs=3)
     trial = PruningTrial()

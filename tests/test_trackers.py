@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from clipse.config import TrainConfig
-from clipse.errors import UserError
-from clipse.metrics import METRIC_KEYS
-from clipse.run_folder import RunFolder, TrainResult
-from clipse.train import train
+from clipse.util.errors import UserError
+from clipse.evaluation.metrics import METRIC_KEYS
+from clipse.runs.folder import RunFolder, TrainResult
+from clipse.training.trainer import train
 from clipse.trackers import TRACKERS, Tracker, open_trackers, parse_report_to
 from clipse.trackers.mlflow import resolve_mlflow_uri
 
@@ -50,7 +50,7 @@ def test_report_to_lists_names_once_and_none_names_nothing():
 
 def test_tracking_settings_may_change_on_resume():
     from clipse.config import TRACKING_KEYS
-    from clipse.run_folder import RESUME_FREE_KEYS
+    from clipse.runs.folder import RESUME_FREE_KEYS
 
     assert set(TRACKING_KEYS) == {"report_to", "mlflow_uri", "mlflow_experiment", "mlflow_parent_run"}
     assert set(TRACKING_KEYS) <= RESUME_FREE_KEYS
@@ -317,7 +317,7 @@ def test_a_study_and_its_final_report_nest_under_one_mlflow_run(tmp_path, mlflow
 
     from clipse.executors import ExecutorOptions
     from clipse.final import FinalOptions, run_final
-    from clipse.search import SearchOptions, run_search
+    from clipse.search.command import SearchOptions, run_search
 
     monkeypatch.chdir(tmp_path)
     tracking = {"report_to": "mlflow,tensorboard", "mlflow_uri": mlflow_server, "mlflow_experiment": "study-e2e"}
@@ -356,7 +356,7 @@ def test_a_study_and_its_final_report_nest_under_one_mlflow_run(tmp_path, mlflow
 def test_an_unreachable_mlflow_costs_a_search_one_warning_line(tmp_path, monkeypatch, caplog):
     """The study's run cannot be opened: the search warns once, its trials train without MLflow
     (no warning each) and keep their other tracker."""
-    from clipse.search import SearchOptions, run_search
+    from clipse.search.command import SearchOptions, run_search
 
     monkeypatch.chdir(tmp_path)
     training = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,

@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from clipse import train as train_module
+from clipse.training import trainer as train_module
 from clipse.config import TrainConfig
 from clipse.eval_retrieval import evaluate_checkpoint
-from clipse.errors import UserError
-from clipse.run_folder import RunFolder
-from clipse.samplers import TopicalBatchSampler
-from clipse.metrics import METRIC_KEYS, MP_METRIC_KEYS, TIE_KEYS
-from clipse.train import build_optimizer, learning_rate, train
+from clipse.util.errors import UserError
+from clipse.runs.folder import RunFolder
+from clipse.data.sampling import TopicalBatchSampler
+from clipse.evaluation.metrics import METRIC_KEYS, MP_METRIC_KEYS, TIE_KEYS
+from clipse.training.trainer import build_optimizer, learning_rate, train
 from clipse.train import main as train_main
 
 TIMING_COLUMNS = ["seconds", "samples_per_s", "trained_by_pid"]  # all that may differ between identical runs
@@ -150,7 +150,7 @@ def test_a_crash_between_checkpoint_and_rows_is_repaired_on_resume(tiny, tmp_pat
 
 
 def test_a_crash_between_result_and_registry_row_is_repaired_on_resume(tiny, monkeypatch):
-    from clipse import registry
+    from clipse.runs import registry
 
     config = tiny(epochs=1)
     original = registry.append_row

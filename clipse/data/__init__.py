@@ -16,7 +16,7 @@ from clipse.data.readers import DATA_KINDS, read_dataset, read_flickr8k
 from clipse.data.records import SPLITS, CaptionDataset, CaptionSplit
 from clipse.data.synthetic import ShapesSpec, ensure_shapes_dataset, shapes_truth
 from clipse.data.truth import CaptionTruth
-from clipse.errors import UserError
+from clipse.util.errors import UserError
 
 
 def load_caption_dataset(kind: str, root: str | Path | None = None, image_root: str | Path | None = None, *,

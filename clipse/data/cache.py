@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from clipse.data.truth import CaptionTruth
-from clipse.errors import UserError
-from clipse.image_decode import decode_images
-from clipse.paths import cache_dir
+from clipse.util.errors import UserError
+from clipse.data.image_decode import decode_images
+from clipse.util.paths import cache_dir
 
 CACHE_FORMAT = 1
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 
 from clipse.data.records import SPLITS, CaptionDataset, build_split
-from clipse.errors import UserError
+from clipse.util.errors import UserError
 
 log = logging.getLogger(__name__)
 

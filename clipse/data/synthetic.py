@@ -30,8 +30,8 @@ from clipse.data.cache import cached_truth
 from clipse.data.readers import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE
 from clipse.data.records import CaptionSplit
 from clipse.data.truth import CaptionTruth
-from clipse.errors import UserError
-from clipse.paths import cache_dir
+from clipse.util.errors import UserError
+from clipse.util.paths import cache_dir
 
 GENERATOR_VERSION = 1
 CANVAS = 64

@@ -3,7 +3,9 @@ environment a task runs in (who is running it, and whether that worker is gone).
 
 A backend is one module of this package: an ``Executor`` subclass decorated with
 ``@register_backend`` (and, where its workers need their own identity, a ``WorkerEnvironment``
-decorated with ``@register_environment``). Nothing outside the backend's module names it.
+decorated with ``@register_environment``). Its own settings are a dataclass of flags named by
+its ``options_class``: ``ExecutorOptions`` collects them from every registered backend, so
+nothing outside the backend's module names it.
 """
 
 from __future__ import annotations
@@ -15,13 +17,10 @@ import platform
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
-from clipse.errors import UserError
-from clipse.fields import setting
-
-if TYPE_CHECKING:
-    from clipse.executors import ExecutorOptions
+from clipse.util.errors import UserError
+from clipse.util.fields import setting
 
 PENDING, RUNNING, DONE, FAILED, LOST, CANCELLED = "pending", "running", "done", "failed", "lost", "cancelled"
 FINAL_STATES = {DONE, FAILED, LOST, CANCELLED}
@@ -165,11 +164,18 @@ class Executor(ABC):
     heartbeat_grace_s: ClassVar[float] = 120.0
     # CPUs a task gets when it does not ask (None: the machine's cores shared between workers).
     default_cpus: ClassVar[int | None] = None
+    # The backend's own settings: a dataclass whose ``setting`` fields become flags (None: none).
+    options_class: ClassVar[type | None] = None
 
     @classmethod
     @abstractmethod
     def from_options(cls, options: "ExecutorOptions", folder: Path, job_name: str) -> "Executor":
         """The executor the command-line options describe; ``folder`` may hold its files."""
+
+    @classmethod
+    def own_options(cls, options: "ExecutorOptions") -> Any:
+        """This backend's settings out of ``options`` (its defaults where none were given)."""
+        return options.backend_options.get(cls.name) or cls.options_class()
 
     @abstractmethod
     def submit(self, tasks: list[Task]) -> None:
@@ -202,3 +208,26 @@ def register_backend(cls: type[Executor]) -> type[Executor]:
 
 def backend_names() -> tuple[str, ...]:
     return tuple(BACKENDS)
+
+
+def backend_option_classes() -> dict[str, type]:
+    """Each registered backend's options dataclass, by backend name (for the flags)."""
+    return {name: backend.options_class for name, backend in BACKENDS.items() if backend.options_class}
+
+
+@dataclass
+class ExecutorOptions:
+    """Execution: where tasks run (a task is a trial of a search, or a training run of a report)"""
+
+    executor: str | None = setting(None, "inline: in this process; local: --workers processes on this machine; "
+                                   "slurm: one SLURM job per task", choices=backend_names,
+                                   shown_default="local if --workers > 1, else inline")
+    workers: int = setting(1, "tasks running at once")
+    max_retries: int = setting(2, "retries of a task whose worker died (a retry resumes from its checkpoint)")
+    resources: Resources = setting(default_factory=Resources, nested=True)
+    # each backend's own settings by backend name (``Executor.options_class``); absent: its defaults
+    backend_options: dict[str, Any] = setting(default_factory=dict, nested_by=backend_option_classes)
+
+    @property
+    def backend(self) -> str:
+        return self.executor or ("local" if self.workers > 1 else "inline")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from clipse.errors import UserError
+from clipse.util.errors import UserError
 from clipse.executors.base import DONE, RUNNING, Executor, register_backend
 
 

@@ -14,9 +14,11 @@ import multiprocessing
 import os
 import signal
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_ready
 
-from clipse.errors import UserError
+from clipse.util.errors import UserError
+from clipse.util.fields import check_at_least, setting
 from clipse.executors.base import CANCELLED, DONE, FAILED, LOST, RUNNING, Executor, Task, register_backend
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def _local_worker(connection, gpus: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
     import torch
 
-    from clipse.errors import configure_logging
+    from clipse.util.errors import configure_logging
 
     configure_logging()
     try:
@@ -84,9 +86,18 @@ def _local_worker(connection, gpus: str | None) -> None:
         return  # Ctrl-C, or the coordinator is gone (killed): the trial was told to the study already
 
 
+@dataclass
+class LocalOptions:
+    """Local workers (--executor local)"""
+
+    trials_per_gpu: int = setting(1, "single-process tasks that share one GPU (small models); each worker otherwise "
+                                     "gets GPUs of its own")
+
+
 @register_backend
 class LocalExecutor(Executor):
     name = "local"
+    options_class = LocalOptions
 
     def __init__(self, workers: int, gpus: list[str] | None = None):
         self.capacity = 10**9  # tasks queue here and start as workers free up
@@ -98,8 +109,10 @@ class LocalExecutor(Executor):
 
     @classmethod
     def from_options(cls, options, folder, job_name):
+        own = cls.own_options(options)
+        check_at_least(own, 1, "trials_per_gpu")
         gpus = options.resources.gpus and gpu_sets(visible_gpus(), options.workers, options.resources.gpus,
-                                                   options.trials_per_gpu)
+                                                   own.trials_per_gpu)
         return cls(options.workers, gpus or None)
 
     def _threads(self, task: Task) -> int:

@@ -19,11 +19,12 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable
 
-from clipse.distributed import serve, session_from_environment
-from clipse.errors import UserError
+from clipse.training.distributed import session_from_environment
+from clipse.training.helper import serve
+from clipse.util.errors import UserError
 from clipse.executors.base import (CANCELLED, DONE, FAILED, LOST, RUNNING, Executor, Resources, Task,
                                    WorkerEnvironment, register_backend, register_environment, running_in)
-from clipse.fields import setting
+from clipse.util.fields import setting
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class _Resubmittable:
 @register_backend
 class SlurmExecutor(Executor):
     name = "slurm"
+    options_class = SlurmOptions
     multi_node = True
     heartbeat_grace_s = 600.0  # a requeued job waits minutes before it restarts
     default_cpus = 2
@@ -137,7 +139,7 @@ class SlurmExecutor(Executor):
 
     @classmethod
     def from_options(cls, options, folder, job_name):
-        return cls(folder, options.slurm, options.workers, job_name=job_name)
+        return cls(folder, cls.own_options(options), options.workers, job_name=job_name)
 
     @staticmethod
     def _resource_parameters(resources: Resources) -> dict[str, Any]:

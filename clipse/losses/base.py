@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from clipse.fields import default_of, key_of, kind_of, setting
+from clipse.util.fields import default_of, key_of, kind_of, setting
 
 LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import warnings
 from pathlib import Path
@@ -29,8 +28,7 @@ import optuna.visualization.matplotlib as optuna_plots  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from clipse.config import name_is_loss_key  # noqa: E402
-from clipse.errors import cli_main  # noqa: E402
-from clipse.study import load_study, secure_storage, stored_settings  # noqa: E402
+from clipse.search.study import stored_settings  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +99,3 @@ def plot_search(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     files["sanw_slice"] = _save(lambda: optuna_plots.plot_slice(study, params=sanw, **target),
                                 out_dir / "sanw_slice.png", f"objective against {', '.join(sanw)} in '{name}'", missing)
     return files
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.search_plots", description=__doc__.splitlines()[0])
-    parser.add_argument("study")
-    parser.add_argument("--storage", required=True, help="RDB URL or journal file path")
-    parser.add_argument("--out", type=Path, default=Path("."))
-    args = parser.parse_args(argv)
-    with secure_storage(args.storage) as storage:
-        for path in plot_search(load_study(args.study, storage), args.out).values():
-            print(path)
-    return 0

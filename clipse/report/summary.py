@@ -1,13 +1,12 @@
 """Test-split results of a set of runs: a per-run table, mean ± std per configuration, and the
 difference to a baseline with a 95% confidence interval from a paired bootstrap (the numbers
-come from ``clipse.report.statistics``; this module reads runs and writes tables and plots).
+come from ``clipse.report.comparison``; this module reads runs and writes tables and plots).
 
     python -m analysis.summary RUN_DIR [RUN_DIR ...] [--label-by loss] [--baseline infonce] [--out DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,12 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from clipse.config import TEST_SET_KEYS  # noqa: E402
-from clipse.errors import UserError, cli_main  # noqa: E402
-from clipse.metrics import RANK_RULE  # noqa: E402
-from clipse.report.statistics import (ALPHA, CONFIDENCE, EFFECT_OF_INTEREST, POWER, summarise,  # noqa: E402
-                                      verdict)
-from clipse.run_folder import RunFolder  # noqa: E402
-from clipse.tables import markdown_table  # noqa: E402
+from clipse.util.errors import UserError  # noqa: E402
+from clipse.evaluation.metrics import RANK_RULE  # noqa: E402
+from clipse.evaluation.statistics import ALPHA, CONFIDENCE, EFFECT_OF_INTEREST, POWER, verdict  # noqa: E402
+from clipse.report.comparison import summarise  # noqa: E402
+from clipse.runs.folder import RunFolder  # noqa: E402
+from clipse.util.tables import markdown_table  # noqa: E402
 
 HEADLINE = ["r1_mean", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "rsum", "i2t_map10", "t2i_map10", "i2t_mr", "t2i_mr"]
 MULTI_POSITIVE_HEADLINE = ["mp_i2t_r1", "mp_t2i_r1", "mp_i2t_r5", "mp_t2i_r5"]  # data with ground truth only
@@ -225,24 +224,3 @@ def write_report(records: list[RunRecord], baseline_label: str | None, out_dir: 
     paths["summary_md"].write_text(summary_markdown(summary, runs, baseline_label, intro))
     plot_test_metrics(runs, paths["test_metrics"])
     return paths
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.summary", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders trained with eval_test")
-    parser.add_argument("--label-by", default="loss", help="config key that groups runs into configurations")
-    parser.add_argument("--baseline", help="label of the baseline group (e.g. infonce)")
-    parser.add_argument("--out", type=Path, default=Path("summary"))
-    parser.add_argument("--resamples", type=int, default=2000)
-    args = parser.parse_args(argv)
-    records = []
-    for run_dir in args.runs:
-        saved = RunFolder(run_dir).saved_config()
-        if saved is None:
-            raise UserError(f"{run_dir}: not a finished run with test results (train with --eval-test)")
-        label = saved.to_mapping().get(args.label_by, run_dir.name)
-        records.append(RunRecord(run_dir, str(label), saved.seed))
-    paths = write_report(records, args.baseline, args.out, f"# Test results of {len(records)} runs", args.resamples)
-    print("\n".join(str(p) for p in paths.values()))
-    return 0

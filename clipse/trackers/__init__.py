@@ -13,15 +13,17 @@ import logging
 import pkgutil
 from typing import TYPE_CHECKING
 
+from clipse.config import SETTING_CHECKS
 from clipse.trackers.base import (TRACKERS, Tracker, measurements, parse_report_to, register_tracker, tracker_names,
                                   tracking_problems)
 
 if TYPE_CHECKING:
     from clipse.config import TrainConfig
-    from clipse.run_folder import RunFolder, TrainResult
+    from clipse.runs.folder import RunFolder, TrainResult
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+SETTING_CHECKS.append(tracking_problems)  # TrainConfig.validate() checks --report-to through it
 
 log = logging.getLogger(__name__)
 

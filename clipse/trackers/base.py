@@ -16,7 +16,7 @@ from clipse.losses import STRENGTH_COLUMN
 
 if TYPE_CHECKING:
     from clipse.config import TrainConfig
-    from clipse.run_folder import RunFolder, TrainResult
+    from clipse.runs.folder import RunFolder, TrainResult
 
 # The training.csv columns that describe the optimisation; every other value column of a step
 # row is a statistic of the loss's negative weights (SANW).

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
     from clipse.config import TrainConfig
-    from clipse.run_folder import RunFolder, TrainResult
+    from clipse.runs.folder import RunFolder, TrainResult
 
 DEFAULT_STORE = "mlflow.db"
 LOCAL_ARTIFACTS = "mlartifacts"
@@ -89,7 +89,7 @@ def mlflow_client(uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient
 
-    from clipse.locks import exclusive_lock
+    from clipse.util.locks import exclusive_lock
 
     if not uri.startswith(SQLITE):
         return MlflowClient(tracking_uri=uri)
@@ -236,7 +236,7 @@ class MlflowTracker(Tracker):
             self._log_metrics([(key, value, result.epochs_done) for key, value in outcome.items()])
             csvs = [path for path in (folder.training_csv, folder.epochs_csv) if path.exists()]
             if csvs:
-                from clipse.report.dynamics import plot_finished_run
+                from clipse.runs.plots import plot_finished_run
 
                 plot_finished_run(folder)
             for path in [*csvs, folder.dynamics_png]:

@@ -10,7 +10,7 @@ from clipse.trackers.base import TRAINING_COLUMNS, Tracker, measurements, regist
 
 if TYPE_CHECKING:
     from clipse.config import TrainConfig
-    from clipse.run_folder import RunFolder, TrainResult
+    from clipse.runs.folder import RunFolder, TrainResult
 
 EVENTS_FOLDER = "tensorboard"
 
