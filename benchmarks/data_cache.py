@@ -31,7 +31,8 @@ def main() -> None:
         os.environ["CLIPSE_CACHE"] = tmp
         from clipse.training.assembly import model_for
         from clipse.config import TrainConfig
-        from clipse.data.synthetic import ShapesSpec, ensure_shapes_dataset
+        from clipse.data.formats.shapes import ensure_shapes_dataset
+        from clipse.data.synthetic import ShapesSpec
 
         config = TrainConfig()
         loaded = model_for(config)

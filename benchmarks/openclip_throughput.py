@@ -49,7 +49,7 @@ from PIL import Image  # noqa: E402
 
 from clipse.training.assembly import dataset_for  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
-from clipse.data.readers import FLICKR8K_TOKEN_FILE  # noqa: E402
+from clipse.data.formats.flickr8k import FLICKR8K_TOKEN_FILE  # noqa: E402
 from clipse.data.synthetic import CANVAS  # noqa: E402
 from clipse.data.sampling import random_batches  # noqa: E402
 

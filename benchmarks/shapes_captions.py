@@ -17,8 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from clipse.config import TrainConfig  # noqa: E402
-from clipse.data.readers import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE  # noqa: E402
-from clipse.data.synthetic import SHAPE_COLOURS, SHAPES, ShapesSpec, ensure_shapes_dataset, strip_prefix  # noqa: E402
+from clipse.data.formats.flickr8k import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE  # noqa: E402
+from clipse.data.formats.shapes import ensure_shapes_dataset  # noqa: E402
+from clipse.data.synthetic import SHAPE_COLOURS, SHAPES, ShapesSpec, strip_prefix  # noqa: E402
 
 SHAPE_PATTERN = re.compile(rf"\b({'|'.join(SHAPE_COLOURS)}) ({'|'.join(SHAPES)})\b")
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from clipse.data.readers import DATA_KINDS
+from clipse.data.formats import FORMATS, format_names
 from clipse.data.synthetic import SHAPES_FN_LEVELS
 from clipse.util.errors import UserError
 from clipse.util.fields import add_argument, choices_of, default_of, is_optional, key_of, keys_in_group, kind_of, setting
@@ -36,7 +36,8 @@ SETTING_CHECKS: list[Callable[["TrainConfig"], list[str]]] = []
 @dataclass
 class TrainConfig:
     # data: these settings (with the model) define what a run is tested on
-    data: str = setting("shapes", "dataset format", choices=DATA_KINDS, group="data")
+    data: str = setting("shapes", "dataset format (one module each in clipse/data/formats/)", choices=format_names,
+                        group="data")
     data_root: str | None = setting(None, "dataset folder or file (shapes: where to generate; default the cache)",
                                     group="data")
     image_root: str | None = setting(None, "image folder, when it is not found next to the captions", group="data")
@@ -168,7 +169,7 @@ class TrainConfig:
             problems.append(f"init_temperature={self.init_temperature}: must be positive")
         for check in SETTING_CHECKS:
             problems += check(self)
-        if self.data != "shapes" and not self.data_root:
+        if self.data in FORMATS and FORMATS[self.data].needs_root and not self.data_root:
             problems.append(f"data={self.data} needs data_root (--data-root)")
         if problems:
             raise UserError("invalid configuration: " + "; ".join(problems))

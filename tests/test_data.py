@@ -11,7 +11,7 @@ import torch
 
 from clipse.data import ShapesSpec, load_caption_dataset, load_split_tensors
 from clipse.data.cache import cached_images, cached_tokens
-from clipse.data.synthetic import ensure_shapes_dataset
+from clipse.data.formats.shapes import ensure_shapes_dataset
 from clipse.util.errors import UserError
 from clipse.data.sampling import TopicalBatchSampler, auto_cluster_count, random_batches
 

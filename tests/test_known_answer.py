@@ -12,7 +12,8 @@ import torch
 import clipse.evaluation.metrics
 from clipse.data import ShapesSpec, load_caption_dataset
 from clipse.data import synthetic
-from clipse.data.synthetic import SHAPES_FN_LEVELS, ensure_shapes_dataset, strip_prefix
+from clipse.data.formats.shapes import ensure_shapes_dataset
+from clipse.data.synthetic import SHAPES_FN_LEVELS, strip_prefix
 from clipse.data.truth import CaptionTruth
 from clipse.losses import LOSSES
 from clipse.losses.base import false_negative_stats

@@ -12,31 +12,18 @@ import numpy as np
 import torch
 
 from clipse.data.cache import cached_images, cached_tokens
-from clipse.data.readers import DATA_KINDS, read_dataset, read_flickr8k
+from clipse.data.formats import DataRequest, format_names, read_dataset
 from clipse.data.records import SPLITS, CaptionDataset, CaptionSplit
-from clipse.data.synthetic import ShapesSpec, ensure_shapes_dataset, shapes_truth
+from clipse.data.synthetic import ShapesSpec
 from clipse.data.truth import CaptionTruth
-from clipse.util.errors import UserError
 
 
 def load_caption_dataset(kind: str, root: str | Path | None = None, image_root: str | Path | None = None, *,
                          shapes: ShapesSpec | None = None, split_seed: int = 0,
                          val_fraction: float = 0.1, test_fraction: float = 0.1) -> CaptionDataset:
-    """Any supported dataset in the common in-memory form; ``shapes`` is generated on first use
-    (under ``root`` when given, else in the cache) and read back with the Flickr8k reader."""
-    image_root = Path(image_root) if image_root else None
-    if kind == "shapes":
-        if shapes is None:
-            raise ValueError("kind 'shapes' needs a ShapesSpec")
-        folder = ensure_shapes_dataset(shapes, Path(root) if root else None)
-        dataset = read_flickr8k(folder, image_root)
-        dataset.name = f"shapes:{shapes.folder_name}"
-        dataset.truth_of = functools.partial(shapes_truth, seed=shapes.seed, fn_level=shapes.fn_level)
-        return dataset
-    if root is None:
-        raise UserError(f"--data {kind} needs --data-root (the dataset's folder or file)")
-    return read_dataset(kind, Path(root), image_root, split_seed=split_seed,
-                        val_fraction=val_fraction, test_fraction=test_fraction)
+    """Any registered format in the common in-memory form (``clipse.data.formats``)."""
+    return read_dataset(kind, DataRequest(Path(root) if root else None, Path(image_root) if image_root else None,
+                                          split_seed, val_fraction, test_fraction, shapes))
 
 
 @dataclass
@@ -74,5 +61,5 @@ def load_split_tensors(split: CaptionSplit, split_name: str, resolution: int,
     )
 
 
-__all__ = ["DATA_KINDS", "SPLITS", "CaptionDataset", "CaptionSplit", "CaptionTruth", "ShapesSpec", "SplitTensors",
-           "load_caption_dataset", "load_split_tensors"]
+__all__ = ["SPLITS", "CaptionDataset", "CaptionSplit", "CaptionTruth", "ShapesSpec", "SplitTensors",
+           "format_names", "load_caption_dataset", "load_split_tensors"]

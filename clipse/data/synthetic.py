@@ -1,7 +1,7 @@
 """The embedded default dataset: coloured shapes, generated deterministically from a seed.
 
-Written to disk in the Flickr8k original layout, so the real Flickr8k reader is what runs by
-default. Each image gets five captions at different levels of detail ("a red circle" ...
+The ``shapes`` format (``clipse.data.formats.shapes``) writes it to disk in the Flickr8k original
+layout, so the real Flickr8k reader is what runs by default. Each image gets five captions at different levels of detail ("a red circle" ...
 "a small red circle in the top left and a large blue square in the bottom right, on a gray
 background"): coarse captions fit many images, which makes real false negatives.
 
@@ -16,9 +16,6 @@ the same at every level.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +24,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipse.data.cache import cached_truth
-from clipse.data.readers import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE
 from clipse.data.records import CaptionSplit
 from clipse.data.truth import CaptionTruth
 from clipse.util.errors import UserError
-from clipse.util.paths import cache_dir
 
 GENERATOR_VERSION = 1
 CANVAS = 64
@@ -199,7 +194,7 @@ def _scene(index: int, seed: int, fn_level: str = "default") -> _Scene:
     return _Scene(background, shapes, placements, _captions(shapes, background, rng, FN_LEVELS[fn_level]))
 
 
-def _image(index: int, seed: int, fn_level: str = "default") -> tuple[Image.Image, list[str]]:
+def scene_image(index: int, seed: int, fn_level: str = "default") -> tuple[Image.Image, list[str]]:
     scene = _scene(index, seed, fn_level)
     image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
@@ -233,44 +228,3 @@ def _shapes_truth(split: CaptionSplit, seed: int, fn_level: str) -> CaptionTruth
                             "--data-root)")
         required.append(facts)
     return CaptionTruth.from_facts([scene.facts for scene in scenes], required)
-
-
-def write_shapes_dataset(folder: Path, spec: ShapesSpec) -> None:
-    """Write images, ``Flickr8k.token.txt`` and the three split files into ``folder``."""
-    image_dir = folder / "Flicker8k_Dataset"
-    text_dir = folder / "Flickr8k_text"
-    image_dir.mkdir(parents=True)
-    text_dir.mkdir()
-    counts = {"train": spec.train_images, "val": spec.val_images, "test": spec.test_images}
-    token_lines, index = [], 0
-    for split, count in counts.items():
-        names = []
-        for _ in range(count):
-            name = f"shapes_{index:06d}.jpg"
-            image, captions = _image(index, spec.seed, spec.fn_level)
-            image.save(image_dir / name, quality=95)
-            token_lines += [f"{name}#{k}\t{caption}" for k, caption in enumerate(captions)]
-            names.append(name)
-            index += 1
-        (text_dir / FLICKR8K_SPLIT_FILES[split]).write_text("\n".join(names) + "\n")
-    (text_dir / FLICKR8K_TOKEN_FILE).write_text("\n".join(token_lines) + "\n")
-
-
-def ensure_shapes_dataset(spec: ShapesSpec, root: Path | None = None) -> Path:
-    """The dataset folder, generated on first use. Safe when several processes race: each
-    writes into its own temporary folder and the first rename wins."""
-    folder = Path(root) if root is not None else cache_dir() / "datasets" / spec.folder_name
-    if (folder / "Flickr8k_text" / FLICKR8K_TOKEN_FILE).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        write_shapes_dataset(staging / "data", spec)
-        try:
-            os.rename(staging / "data", folder)
-        except OSError:
-            if not (folder / "Flickr8k_text" / FLICKR8K_TOKEN_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
