@@ -456,3 +456,15 @@ def test_heartbeat_grace_is_in_seconds(tmp_path):
     assert finished.returncode == 0, finished.stderr
     counts = count_trials(load_study(tmp_path, "baseline"))
     assert counts.complete == 2 and counts.running == 0
+
+
+@pytest.mark.slow
+def test_a_study_of_clipse_0_1_is_not_resumed(tmp_path):
+    """Its values were scored with ties counted for the relevant item: they do not mix with tie-aware ones."""
+    run_search(options(tmp_path, "baseline", 1, training={"epochs": 1}))
+    study = load_study(tmp_path, "baseline")
+    settings = dict(study.user_attrs[SETTINGS_ATTR])
+    settings.pop("rank_rule")
+    study.set_user_attr(SETTINGS_ATTR, settings)
+    with pytest.raises(UserError, match="^study 'baseline' was made by clipse 0.1, whose ranks counted ties"):
+        run_search(options(tmp_path, "baseline", 2, training={"epochs": 1}))

@@ -32,6 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from clipse.config import TrainConfig
+from clipse.evaluation.metrics import RANK_RULE
 from clipse.util.errors import UserError
 from clipse.search.journal import open_journal
 from clipse.util.locks import exclusive_lock
@@ -68,6 +69,7 @@ class StudySettings:
     min_weight_std: float = 0.0  # completed trials whose SANW weights spread less are infeasible (0: off)
     seeds_per_trial: int = 1     # training seeds of every trial; its value is their mean
     base: dict[str, Any] = field(default_factory=dict)  # training settings given on the command line
+    rank_rule: str = RANK_RULE   # how its values were scored (studies of clipse 0.1 have none: strict ranks)
 
     def base_config(self) -> TrainConfig:
         """The training configuration every trial starts from (before the space's values)."""
@@ -190,9 +192,14 @@ def create_or_load(name: str, backend: optuna.storages.BaseStorage, settings: St
 
 
 def stored_settings(study: optuna.Study) -> StudySettings:
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if isinstance(stored, dict) and "space" in stored and stored.get("rank_rule") != RANK_RULE:
+        raise UserError(f"study '{study.study_name}' was made by clipse 0.1, whose ranks counted ties for the relevant "
+                        "item; its values do not compare with this version's: start a new study (--study NAME), or "
+                        "finish it with clipse 0.1 (CHANGELOG.md)")
     try:
-        return StudySettings(**study.user_attrs[SETTINGS_ATTR])
-    except (KeyError, TypeError):
+        return StudySettings(**stored)
+    except TypeError:
         raise UserError(f"study '{study.study_name}' was not made by this version of clipse "
                         "(its stored settings do not match); use a new --study") from None
 
