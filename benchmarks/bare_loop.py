@@ -27,11 +27,17 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from clipse.training.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
+from clipse.data.sampling import random_batches  # noqa: E402
 from clipse.evaluation.encoding import ImageNormalizer  # noqa: E402
 from clipse.losses import weighted_infonce  # noqa: E402
-from clipse.data.sampling import random_batches  # noqa: E402
+from clipse.training.assembly import (  # noqa: E402
+    autocast_for,
+    dataset_for,
+    model_for,
+    resolve_device,
+    split_tensors,
+)
 from clipse.training.trainer import train  # noqa: E402
 
 

@@ -52,8 +52,8 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from clipse.search.journal import check_journal  # noqa: E402
 from clipse.runs.folder import RunFolder, read_csv  # noqa: E402
+from clipse.search.journal import check_journal  # noqa: E402
 from clipse.search.study import OWNER_ATTR, RETRY_OF_ATTR, RUN_DIR_ATTR, count_trials  # noqa: E402
 
 STUDY = "chaos"

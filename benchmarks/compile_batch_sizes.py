@@ -1,5 +1,5 @@
 """``--compile`` after an epoch's smaller last batch: clipse's training graphs keep their batch size
-(``torch._dynamo.mark_static`` in ``clipse.global_batch.encode_pair``) against torch.compile's
+(``torch._dynamo.mark_static`` in ``clipse.training.global_batch.encode_pair``) against torch.compile's
 automatic behaviour (the same trainer with that hint switched off), which after a second batch
 size compiles one graph for every size and runs every later batch through it; and, for scale,
 the same trainer without ``--compile``.
@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from clipse.training.assembly import dataset_for, model_for, split_tensors  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
 from clipse.data.sampling import random_batches  # noqa: E402
+from clipse.training.assembly import dataset_for, model_for, split_tensors  # noqa: E402
 from clipse.training.trainer import train  # noqa: E402
 
 STATIC, AUTOMATIC, EAGER = "compiled, static sizes (clipse)", "compiled, automatic", "eager"

@@ -1,4 +1,4 @@
-"""First versus second load of the default dataset (the decode-once caches of docs/data.md).
+"""First versus second load of the default dataset (the decode-once caches of docs/reference/data.md).
 
 Runs in a fresh, temporary CLIPSE_CACHE. "first" is a cold load: reading the Flickr8k-layout
 files, decoding and resizing every image, tokenising every caption (the synthetic dataset is
@@ -29,10 +29,10 @@ def load_all(config, loaded):
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="clipse-cache-bench-") as tmp:
         os.environ["CLIPSE_CACHE"] = tmp
-        from clipse.training.assembly import model_for
         from clipse.config import TrainConfig
         from clipse.data.formats.shapes import ensure_shapes_dataset
         from clipse.data.synthetic import ShapesSpec
+        from clipse.training.assembly import model_for
 
         config = TrainConfig()
         loaded = model_for(config)

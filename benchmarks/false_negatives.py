@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from clipse.config import TrainConfig  # noqa: E402
 from clipse.data import ShapesSpec, load_caption_dataset  # noqa: E402
-from clipse.data.synthetic import SHAPES_FN_LEVELS  # noqa: E402
 from clipse.data.sampling import random_batches  # noqa: E402
+from clipse.data.synthetic import SHAPES_FN_LEVELS  # noqa: E402
 
 
 def main() -> None:

@@ -10,7 +10,7 @@
 
     python benchmarks/journal_limits.py [--writers 1 2 4 8 16] [--seconds 10] [--sizes 1000 10000 50000]
 
-Measured on whatever machine runs it; the storage is clipse's own (``clipse.study.open_storage``).
+Measured on whatever machine runs it; the storage is clipse's own (``clipse.search.study.open_storage``).
 """
 
 from __future__ import annotations

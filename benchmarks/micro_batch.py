@@ -2,7 +2,7 @@
 
 Three training steps side by side, each measured in a fresh process so that one's memory does
 not hide another's: batch 128; batch 1,024; batch 1,024 with ``--micro-batch 128``. All three
-run clipse's own step (``clipse.global_batch.contrastive_backward``, SANW-Debias, fused AdamW) on
+run clipse's own step (``clipse.training.global_batch.contrastive_backward``, SANW-Debias, fused AdamW) on
 ``clipse-small`` with random images and tokens. Peak memory is the step's: on CUDA the peak
 allocated by torch; on the CPU the process's peak resident memory minus its resident memory
 before the first step (model, optimizer state and the batch's uint8 images already held),
@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from clipse.config import TrainConfig  # noqa: E402
+from clipse.evaluation.encoding import ImageNormalizer  # noqa: E402
 from clipse.training.assembly import autocast_for, model_for, resolve_device  # noqa: E402
 from clipse.training.batches import StepBatch  # noqa: E402
-from clipse.config import TrainConfig  # noqa: E402
 from clipse.training.distributed import SINGLE_PROCESS  # noqa: E402
-from clipse.evaluation.encoding import ImageNormalizer  # noqa: E402
 from clipse.training.global_batch import contrastive_backward  # noqa: E402
 
 CONFIGURATIONS = [("batch 128", 128, 0), ("batch 1024", 1024, 0), ("batch 1024, micro-batch 128", 1024, 128)]

@@ -47,11 +47,11 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from clipse.training.assembly import dataset_for  # noqa: E402
 from clipse.config import TrainConfig  # noqa: E402
 from clipse.data.formats.flickr8k import FLICKR8K_TOKEN_FILE  # noqa: E402
-from clipse.data.synthetic import CANVAS  # noqa: E402
 from clipse.data.sampling import random_batches  # noqa: E402
+from clipse.data.synthetic import CANVAS  # noqa: E402
+from clipse.training.assembly import dataset_for  # noqa: E402
 
 # OpenCLIP's trainer, with the project's architectures registered first (nothing else changes).
 OPENCLIP_LAUNCHER = "import sys, clipse.models; from open_clip_train.main import main; main(sys.argv[1:])"

@@ -27,7 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from clipse.config import TrainConfig  # noqa: E402
 from clipse.search.command import SearchOptions, run_search  # noqa: E402
-from clipse.search.study import load_study, ranked_trials, stored_settings, trial_settings  # noqa: E402
+from clipse.search.study import (  # noqa: E402
+    load_study,
+    ranked_trials,
+    stored_settings,
+    trial_settings,
+)
 from clipse.training.trainer import train  # noqa: E402
 
 METHODS = {

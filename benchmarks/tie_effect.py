@@ -18,9 +18,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clipse.eval_retrieval import checkpoint_config  # noqa: E402
 from clipse.evaluation.encoding import ImageNormalizer, encode_split  # noqa: E402
-from clipse.evaluation.metrics import (METRIC_KEYS, MP_METRIC_KEYS, TiedRanks, metrics_from_ranks,  # noqa: E402
-                                       retrieval_ranks)
-from clipse.training.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors  # noqa: E402
+from clipse.evaluation.metrics import (  # noqa: E402
+    METRIC_KEYS,
+    MP_METRIC_KEYS,
+    TiedRanks,
+    metrics_from_ranks,
+    retrieval_ranks,
+)
+from clipse.training.assembly import (  # noqa: E402
+    autocast_for,
+    dataset_for,
+    model_for,
+    resolve_device,
+    split_tensors,
+)
 
 
 def strict(tied: TiedRanks | None) -> TiedRanks | None:

@@ -19,9 +19,24 @@ import yaml
 
 from clipse.data.formats import FORMATS, format_names
 from clipse.data.synthetic import SHAPES_FN_LEVELS
+from clipse.losses import (
+    LOSSES,
+    ContrastiveLoss,
+    loss_defaults,
+    loss_names,
+    loss_parameters,
+)
 from clipse.util.errors import UserError
-from clipse.util.fields import add_argument, choices_of, default_of, is_optional, key_of, keys_in_group, kind_of, setting
-from clipse.losses import LOSSES, ContrastiveLoss, loss_defaults, loss_names, loss_parameters
+from clipse.util.fields import (
+    add_argument,
+    choices_of,
+    default_of,
+    is_optional,
+    key_of,
+    keys_in_group,
+    kind_of,
+    setting,
+)
 from clipse.util.paths import ADHOC_RUNS_DIR, DEFAULT_STUDIES_DIR, registry_file
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,7 +60,7 @@ class TrainConfig:
     shapes_val_images: int = setting(500, "synthetic dataset: validation images", group="data")
     shapes_test_images: int = setting(1000, "synthetic dataset: test images", group="data")
     shapes_fn_level: str = setting("default", "synthetic dataset: how often an in-batch negative truly matches its "
-                                   "caption (the mix of caption levels; docs/data.md)", choices=SHAPES_FN_LEVELS,
+                                   "caption (the mix of caption levels; docs/reference/data.md)", choices=SHAPES_FN_LEVELS,
                                    group="data")
     data_seed: int = setting(0, "seed of the synthetic dataset and of automatic splits", group="data")
     val_fraction: float = setting(0.1, "automatic split: share of images for validation", group="data")
@@ -56,7 +71,7 @@ class TrainConfig:
                                      group="model")
     lock_image: bool = setting(False, "freeze the image tower", group="model")
     lock_text: bool = setting(False, "freeze the text tower", group="model")
-    # loss (docs/losses.md); its parameters are defined by the losses themselves
+    # loss (docs/reference/losses.md); its parameters are defined by the losses themselves
     loss: str = setting("infonce", "contrastive loss", choices=loss_names)
     loss_params: dict[str, Any] = dataclasses.field(default_factory=loss_defaults)
     alpha_warmup_epochs: float = setting(0.0, "ramp the loss's strength (SANW alpha) linearly from 0 over this "
@@ -103,7 +118,7 @@ class TrainConfig:
     trial: int | None = setting(None, "trial number within the study (for the registry)")
     resume: bool = setting(False, "continue from the run folder's last checkpoint")
     progress: bool = setting(True, "show a progress bar per epoch")
-    # tracking (docs/trackers.md): where else the run is recorded; the run folder always is
+    # tracking (docs/reference/trackers.md): where else the run is recorded; the run folder always is
     report_to: str = setting("none", "experiment trackers that record the run as it trains: none, tensorboard, mlflow "
                                      "(several separated by commas)", group="tracking")
     mlflow_uri: str | None = setting(None, "MLflow tracking URI (http://host:port of an mlflow server, "

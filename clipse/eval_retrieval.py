@@ -1,4 +1,4 @@
-"""Retrieval evaluation of a checkpoint (``docs/metrics.md``), and the public ``retrieval_metrics`` API.
+"""Retrieval evaluation of a checkpoint (``docs/reference/metrics.md``), and the public ``retrieval_metrics`` API.
 
     python -m clipse.eval_retrieval --checkpoint studies/adhoc/runs/<run>/best.pt --split test
 
@@ -13,12 +13,18 @@ import json
 import sys
 from pathlib import Path
 
-from clipse.training.assembly import autocast_for, dataset_for, model_for, resolve_device, split_tensors
-from clipse.util.checkpoints import read_checkpoint
 from clipse.config import DATA_KEYS, TrainConfig, add_config_arguments, config_overrides
-from clipse.util.errors import UserError, cli_main, configure_logging
 from clipse.evaluation.encoding import ImageNormalizer, evaluate_split
 from clipse.evaluation.metrics import METRIC_KEYS, TIE_KEYS, retrieval_metrics
+from clipse.training.assembly import (
+    autocast_for,
+    dataset_for,
+    model_for,
+    resolve_device,
+    split_tensors,
+)
+from clipse.util.checkpoints import read_checkpoint
+from clipse.util.errors import UserError, cli_main, configure_logging
 
 __all__ = ["retrieval_metrics", "evaluate_checkpoint", "format_table", "main"]
 

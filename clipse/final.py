@@ -31,20 +31,32 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from clipse.config import STUDY_TRACKING_KEYS, TrainConfig, add_config_arguments, config_overrides
-from clipse.util.errors import UserError, cli_main, configure_logging
-from clipse.search.confirm import confirmed_ranking, confirmed_row
+from clipse.config import (
+    STUDY_TRACKING_KEYS,
+    TrainConfig,
+    add_config_arguments,
+    config_overrides,
+)
 from clipse.executors import ExecutorOptions
+from clipse.report.comparison import summary_verdicts
+from clipse.report.search_plots import plot_search
+from clipse.report.summary import RunRecord, write_report
+from clipse.runs.plots import plot_runs
+from clipse.search.confirm import confirmed_ranking, confirmed_row
 from clipse.search.planned_runs import PlannedRun, train_planned
+from clipse.search.study import (
+    is_rdb_url,
+    open_storage,
+    ranked_trials,
+    secure_storage,
+    stored_settings,
+    study_names,
+    trial_settings,
+)
+from clipse.trackers.study_record import open_study_record
+from clipse.util.errors import UserError, cli_main, configure_logging
 from clipse.util.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.util.paths import DEFAULT_STUDIES_DIR, StudyFolder
-from clipse.runs.plots import plot_runs
-from clipse.report.search_plots import plot_search
-from clipse.report.comparison import summary_verdicts
-from clipse.report.summary import RunRecord, write_report
-from clipse.search.study import (is_rdb_url, open_storage, ranked_trials, secure_storage, stored_settings, study_names,
-                          trial_settings)
-from clipse.trackers.study_record import open_study_record
 
 BASELINE_LABEL = "baseline"
 
@@ -62,7 +74,7 @@ class FinalOptions:
     baseline_study: str = setting("baseline", "study whose best trial is the baseline, when it exists")
     resamples: int = setting(2000, "bootstrap resamples")
     execution: ExecutorOptions = setting(default_factory=ExecutorOptions, nested=True)
-    # experiment trackers of the runs (report_to, mlflow_uri, mlflow_experiment; docs/trackers.md)
+    # experiment trackers of the runs (report_to, mlflow_uri, mlflow_experiment; docs/reference/trackers.md)
     tracking: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,7 +114,7 @@ def open_study(name: str, studies_dir: Path, storage: str | None) -> optuna.Stud
 def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     """The k best completed trials; with several objectives, k trials of the Pareto front (by
     the mean of the objectives), or the whole front when it is smaller. Trials a search
-    confirmed with further seeds (``clipse.confirm``) come first, by their confirmed mean."""
+    confirmed with further seeds (``clipse.search.confirm``) come first, by their confirmed mean."""
     ranked = ranked_trials(study)
     if not ranked:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -210,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clipse.final", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, FinalOptions)
-    add_config_arguments(parser.add_argument_group("experiment trackers of the runs (docs/trackers.md)"),
+    add_config_arguments(parser.add_argument_group("experiment trackers of the runs (docs/reference/trackers.md)"),
                          only=STUDY_TRACKING_KEYS)
     return parser
 

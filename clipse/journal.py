@@ -1,5 +1,5 @@
 """``python -m clipse.journal check|repair STUDY``: check or repair a study's journal file after a
-crash (the journal's safety lives in ``clipse.search.journal``; docs/failure-behaviour.md)."""
+crash (the journal's safety lives in ``clipse.search.journal``; docs/reference/failure-behaviour.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clipse.config import TrainConfig, add_config_arguments, config_overrides, load_config_file
+from clipse.config import (
+    TrainConfig,
+    add_config_arguments,
+    config_overrides,
+    load_config_file,
+)
 from clipse.evaluation.metrics import METRIC_KEYS, MP_METRIC_KEYS
 from clipse.models import list_models
 from clipse.runs.folder import TrainResult

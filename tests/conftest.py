@@ -191,14 +191,13 @@ def postgres_secret(postgres_server, tmp_path):
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (SQLite store, proxied artifacts) on a free local port,
     for the session; yields its http URI. Stopped at the end: the process group it started."""
+    import importlib.util
     import signal
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
-
-    import importlib.util
 
     if importlib.util.find_spec("mlflow") is None:
         skip_or_fail("MLflow", "not installed (pip install 'clipse[trackers]')")

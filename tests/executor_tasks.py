@@ -5,8 +5,8 @@ import signal
 import threading
 import time
 
-from clipse.util.errors import UserError
 from clipse.executors import worker_environment
+from clipse.util.errors import UserError
 
 
 def identity(value):

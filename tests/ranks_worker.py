@@ -6,8 +6,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from clipse.training.batches import StepBatch
 from clipse.config import TrainConfig
+from clipse.training.batches import StepBatch
 from clipse.training.distributed import SINGLE_PROCESS, Ranks
 from clipse.training.global_batch import contrastive_backward
 

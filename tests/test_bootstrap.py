@@ -10,13 +10,30 @@ import pandas as pd
 import pytest
 import torch
 
-from clipse.util.errors import UserError
-from clipse.evaluation.metrics import METRIC_KEYS, RetrievalRanks, TiedRanks, metrics_from_ranks, resampled_metrics, retrieval_ranks
-from clipse.evaluation.statistics import (detection_multiplier, image_variance, paired_bootstrap, power_figures,
-                                          verdict)
+from clipse.evaluation.metrics import (
+    METRIC_KEYS,
+    RetrievalRanks,
+    TiedRanks,
+    metrics_from_ranks,
+    resampled_metrics,
+    retrieval_ranks,
+)
+from clipse.evaluation.statistics import (
+    detection_multiplier,
+    image_variance,
+    paired_bootstrap,
+    power_figures,
+    verdict,
+)
 from clipse.report.comparison import summarise, summary_verdicts
-from clipse.report.summary import collapse_warnings, strict_rule_warning, summary_markdown, uniform_weight_warnings
+from clipse.report.summary import (
+    collapse_warnings,
+    strict_rule_warning,
+    summary_markdown,
+    uniform_weight_warnings,
+)
 from clipse.runs.folder import RunFolder
+from clipse.util.errors import UserError
 
 # Simulated retrieval: image i is found with probability sigmoid(difficulty_i + effect + seed
 # shift); difficulties spread with SPREAD, every training seed shifts all images by N(0, SEED_SD).

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_study, wait_for
 
-from clipse.search.confirm import CONFIRMED_ATTR
-from clipse.util.errors import UserError
 from clipse.final import best_trials
 from clipse.runs.folder import RunFolder
 from clipse.search.command import SearchOptions, run_search
-
-from helpers import load_study, wait_for
+from clipse.search.confirm import CONFIRMED_ATTR
+from clipse.util.errors import UserError
 
 TINY = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16, "epochs": 2}
 

@@ -13,10 +13,9 @@ import sys
 import optuna
 import pytest
 
-from clipse.util.errors import UserError
 from clipse.search.command import SearchOptions, run_search
 from clipse.search.study import count_trials, secure_storage
-
+from clipse.util.errors import UserError
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "1"]

@@ -1,22 +1,27 @@
 """Readers for every supported format, the synthetic dataset, caches and batch samplers."""
 
 import hashlib
-import re
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from datafiles import (
+    captions_for,
+    write_flickr8k,
+    write_jpeg,
+    write_kaggle_captions,
+    write_karpathy,
+    write_openclip_csv,
+)
 
 from clipse.data import ShapesSpec, load_caption_dataset, load_split_tensors
 from clipse.data.cache import cached_images, cached_tokens
 from clipse.data.formats.shapes import ensure_shapes_dataset
-from clipse.util.errors import UserError
 from clipse.data.sampling import TopicalBatchSampler, auto_cluster_count, random_batches
-
-from datafiles import (captions_for, write_flickr8k, write_jpeg, write_kaggle_captions, write_karpathy,
-                       write_openclip_csv)
+from clipse.util.errors import UserError
 
 
 def names_of(split):

@@ -15,17 +15,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ranks_worker
 import torch
 import torch.multiprocessing as mp
+from helpers import load_study, wait_for
 
-from clipse.util.errors import UserError
-from clipse.executors import Resources, Task, executor_from_options
-from clipse.executors import ExecutorOptions
+from clipse.executors import ExecutorOptions, Resources, Task, executor_from_options
 from clipse.executors.local import gpu_sets
 from clipse.search.study import open_storage, study_names
-
-import ranks_worker
-from helpers import load_study, wait_for
+from clipse.util.errors import UserError
 
 LOSSES = ["infonce", "sanw_debias", "sanw_bandpass"]
 
@@ -235,8 +233,8 @@ def test_search_asking_for_more_gpus_than_exist_is_one_line(tmp_path):
 
 def test_every_process_gets_pairs_of_every_batch():
     """A last batch shorter than the process count is folded into the one before it."""
-    from clipse.training.distributed import Ranks
     from clipse.data.sampling import fold_short_tail, random_batches
+    from clipse.training.distributed import Ranks
 
     batches = fold_short_tail(random_batches(66, 32, 0, 0), 3)  # 32, 32, 2 -> 32, 34
     assert [len(b) for b in batches] == [32, 34]

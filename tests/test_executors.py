@@ -7,12 +7,21 @@ import platform
 import time
 from pathlib import Path
 
+import executor_tasks
 import pytest
 
-import executor_tasks
-from clipse.util.errors import UserError
-from clipse.executors import CANCELLED, DONE, FAILED, LOST, ExecutorOptions, Resources, Task, executor_from_options
+from clipse.executors import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    LOST,
+    ExecutorOptions,
+    Resources,
+    Task,
+    executor_from_options,
+)
 from clipse.executors.slurm import SlurmOptions
+from clipse.util.errors import UserError
 
 BACKENDS = ["inline", "local", pytest.param("slurm", marks=[pytest.mark.slurm, pytest.mark.slow])]
 

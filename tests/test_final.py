@@ -9,22 +9,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import load_study
 from PIL import Image
 
 from analysis.dynamics import main as dynamics_main
 from analysis.search_plots import main as plots_main
 from analysis.summary import main as summary_main
-from clipse.evaluation.statistics import paired_bootstrap
-from clipse.report.comparison import load_ranks
 from clipse.config import TrainConfig
+from clipse.evaluation.metrics import METRIC_KEYS, metrics_from_ranks
+from clipse.evaluation.statistics import paired_bootstrap
 from clipse.executors import DONE, LOST, ExecutorOptions
 from clipse.final import FinalOptions, run_final
-from clipse.search.planned_runs import PlannedRun, RunWorkload
 from clipse.final import main as final_main
-from clipse.evaluation.metrics import METRIC_KEYS, metrics_from_ranks
+from clipse.report.comparison import load_ranks
 from clipse.search.command import SearchOptions, run_search
-
-from helpers import load_study
+from clipse.search.planned_runs import PlannedRun, RunWorkload
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
@@ -151,8 +150,9 @@ def test_unknown_study_lists_existing_ones(report, capsys):
 def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
     """A model that ranks every query first versus one that is random: the interval excludes 0;
     the same runs against themselves: it is [0, 0]."""
-    from clipse.evaluation.metrics import retrieval_ranks
     import torch
+
+    from clipse.evaluation.metrics import retrieval_ranks
     g = torch.Generator().manual_seed(0)
     owner = np.repeat(np.arange(40), 3)
     images = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from clipse.config import config_yaml
-from clipse.util.errors import StorageFull
 from clipse.training.trainer import train
+from clipse.util.errors import StorageFull
 
 
 def limited_to(size: int):
@@ -81,13 +81,12 @@ def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one_and_resume_finish
 
 @pytest.mark.slow
 def test_a_search_trial_that_hits_a_full_disk_fails_with_one_line_and_its_retry_resumes(tmp_path, monkeypatch):
+    from helpers import load_study
     from optuna.trial import TrialState
+    from test_search import options
 
     import clipse.runs.folder as run_folder
     from clipse.search.command import run_search
-
-    from helpers import load_study
-    from test_search import options
 
     monkeypatch.chdir(tmp_path)
     real_save, calls = run_folder.torch.save, [0]

@@ -7,14 +7,13 @@ import logging
 import optuna
 import pytest
 from optuna.storages.journal import JournalFileBackend
-
-from clipse.util.errors import UserError
-from clipse.journal import main as journal_main
-from clipse.search.journal import check_journal
-from clipse.search.command import run_search
-from clipse.search.study import count_trials, open_storage
-
 from test_search import options
+
+from clipse.journal import main as journal_main
+from clipse.search.command import run_search
+from clipse.search.journal import check_journal
+from clipse.search.study import count_trials, open_storage
+from clipse.util.errors import UserError
 
 TORN = b'{"op_code": 5, "worker_id": "x", "trial_id": 1, "sta'
 

@@ -10,15 +10,19 @@ import pytest
 import torch
 
 import clipse.evaluation.metrics
-from clipse.data import ShapesSpec, load_caption_dataset
-from clipse.data import synthetic
+from clipse.data import ShapesSpec, load_caption_dataset, synthetic
 from clipse.data.formats.shapes import ensure_shapes_dataset
+from clipse.data.sampling import random_batches
 from clipse.data.synthetic import SHAPES_FN_LEVELS, strip_prefix
 from clipse.data.truth import CaptionTruth
+from clipse.evaluation.metrics import (
+    MP_METRIC_KEYS,
+    metrics_from_ranks,
+    resampled_metrics,
+    retrieval_ranks,
+)
 from clipse.losses import LOSSES
 from clipse.losses.base import false_negative_stats
-from clipse.evaluation.metrics import MP_METRIC_KEYS, metrics_from_ranks, resampled_metrics, retrieval_ranks
-from clipse.data.sampling import random_batches
 from clipse.training.trainer import train
 
 SHAPE = r"(small|large) (\w+) (\w+) at the ([\w ]+?)"

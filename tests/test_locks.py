@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from clipse.runs.registry import REGISTRY_COLUMNS, append_row
 from clipse.util import locks
 from clipse.util.errors import UserError
-from clipse.runs.registry import REGISTRY_COLUMNS, append_row
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw

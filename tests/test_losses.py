@@ -6,11 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipse.losses import infonce_loss, sanw_bandpass_loss, sanw_debias_loss, weighted_infonce
+from clipse.losses import (
+    infonce_loss,
+    sanw_bandpass_loss,
+    sanw_debias_loss,
+    weighted_infonce,
+)
 from clipse.losses.infonce import InfoNCE
+from clipse.losses.sanw import (
+    affinity,
+    band_response,
+    debias_raw_weights,
+    mass_preserving,
+)
 from clipse.losses.sanw_bandpass import SanwBandpass
 from clipse.losses.sanw_debias import SanwDebias
-from clipse.losses.sanw import affinity, band_response, debias_raw_weights, mass_preserving
 
 
 def _sigmoid(x):
@@ -18,7 +28,7 @@ def _sigmoid(x):
 
 
 def reference_loss(u, v, s, weight_fn, rho=0.5):
-    """docs/losses.md by the letter: loops over i, j; returns (loss, weights as nested lists)."""
+    """docs/reference/losses.md by the letter: loops over i, j; returns (loss, weights as nested lists)."""
     B = len(u)
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))
     s = min(s, 100.0)
@@ -76,7 +86,7 @@ def test_matches_loop_reference(name, loss_fn, weight_fn, rho, B):
 
 @pytest.mark.parametrize("name,loss_fn,weight_fn,rho", CASES, ids=[c[0] for c in CASES])
 def test_gradcheck_core_with_reference_weights(name, loss_fn, weight_fn, rho):
-    """The affinity carries no gradient (docs/losses.md), so the loss's gradient is the core's gradient
+    """The affinity carries no gradient (docs/reference/losses.md), so the loss's gradient is the core's gradient
     with the weights held at their values: gradcheck the core with the loop reference's weights."""
     u, v = embeddings(6, seed=3)
     _, ref_w = reference_loss(u.tolist(), v.tolist(), 7.0, weight_fn, rho)

@@ -11,11 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipse.evaluation.metrics import METRIC_KEYS, TIE_KEYS, metrics_from_ranks, retrieval_metrics, retrieval_ranks
+from clipse.evaluation.metrics import (
+    METRIC_KEYS,
+    TIE_KEYS,
+    metrics_from_ranks,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 
 
 def reference_metrics(S, owner):
-    """docs/metrics.md by the letter. ``S[k][i]``: score of caption k against image i."""
+    """docs/reference/metrics.md by the letter. ``S[k][i]``: score of caption k against image i."""
     C, N = len(S), len(S[0])
     out = {}
     t2i = []

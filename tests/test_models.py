@@ -4,8 +4,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from clipse.models import (
+    PROJECT_MODELS,
+    cached_pretrained_file,
+    create_model,
+    list_models,
+    resolve_weights,
+)
 from clipse.util.errors import UserError
-from clipse.models import PROJECT_MODELS, cached_pretrained_file, create_model, list_models, resolve_weights
 
 
 def assert_same_weights(a, b):

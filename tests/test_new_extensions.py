@@ -11,9 +11,15 @@ from clipse.config import TrainConfig
 from clipse.data import load_caption_dataset
 from clipse.data.formats import FORMATS, DataRequest, DatasetFormat, register_format
 from clipse.data.formats.common import assemble
-from clipse.executors import BACKENDS, ExecutorOptions, executor_from_options, register_backend
+from clipse.executors import (
+    BACKENDS,
+    ExecutorOptions,
+    executor_from_options,
+    register_backend,
+)
 from clipse.executors.inline import InlineExecutor
-from clipse.search.command import SearchOptions, build_parser as search_parser
+from clipse.search.command import SearchOptions
+from clipse.search.command import build_parser as search_parser
 from clipse.train import build_parser, config_from_args
 from clipse.util.fields import from_arguments, setting
 

@@ -8,13 +8,19 @@ import pytest
 import torch
 
 from clipse.config import TrainConfig
-from clipse.util.errors import UserError
-from clipse.losses import LOSSES, ContrastiveLoss, loss_param, register_loss, weighted_infonce
+from clipse.losses import (
+    LOSSES,
+    ContrastiveLoss,
+    loss_param,
+    register_loss,
+    weighted_infonce,
+)
 from clipse.losses.sanw import affinity, mass_preserving, weight_stats
 from clipse.runs.folder import read_csv
 from clipse.search.command import SearchOptions, run_search
 from clipse.train import build_parser, config_from_args
 from clipse.training import train
+from clipse.util.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

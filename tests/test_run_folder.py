@@ -7,11 +7,18 @@ import pytest
 import torch
 
 from clipse.config import TrainConfig
-from clipse.util.errors import UserError
 from clipse.evaluation.metrics import metrics_from_ranks, retrieval_ranks
+from clipse.runs.folder import (
+    RunFolder,
+    TrainResult,
+    append_csv,
+    atomic_torch_save,
+    default_run_dir,
+    read_csv,
+    truncate_csv,
+)
+from clipse.util.errors import UserError
 from clipse.util.paths import ADHOC_RUNS_DIR
-from clipse.runs.folder import (RunFolder, TrainResult, append_csv, atomic_torch_save, default_run_dir, read_csv,
-                               truncate_csv)
 
 
 def result(status="completed", **changes):

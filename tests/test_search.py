@@ -17,20 +17,28 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import epochs_done, load_study, wait_for, was_retried
 from optuna.trial import TrialState
 
-from clipse.util.errors import UserError
 from clipse.executors import ExecutorOptions
-from clipse.search import objective as objective_module
-from clipse.search.objective import StudyRef
 from clipse.runs.folder import RunFolder, TrainResult
-from clipse.training.trainer import EpochReport
+from clipse.search import objective as objective_module
 from clipse.search.command import SearchOptions, TrialWorkload, run_search
 from clipse.search.command import main as search_main
-from clipse.search.study import (HEARTBEAT_ATTR, LOST_ATTR, OWNER_ATTR, SETTINGS_ATTR, count_trials, open_storage,
-                          retry_lost_trial, sweep_lost_trials, take_trial)
-
-from helpers import epochs_done, load_study, wait_for, was_retried
+from clipse.search.objective import StudyRef
+from clipse.search.study import (
+    HEARTBEAT_ATTR,
+    LOST_ATTR,
+    OWNER_ATTR,
+    SETTINGS_ATTR,
+    count_trials,
+    open_storage,
+    retry_lost_trial,
+    sweep_lost_trials,
+    take_trial,
+)
+from clipse.training.trainer import EpochReport
+from clipse.util.errors import UserError
 
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]

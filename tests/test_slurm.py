@@ -13,11 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import (
+    assert_first_trial_retried,
+    epochs_done,
+    load_study,
+    wait_for,
+    was_retried,
+)
 from optuna.trial import TrialState
 
 from clipse.search.study import LOST_ATTR, OWNER_ATTR, count_trials
-
-from helpers import assert_first_trial_retried, epochs_done, load_study, wait_for, was_retried
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -4,10 +4,10 @@ import optuna
 import pytest
 
 from clipse.config import TrainConfig
-from clipse.util.errors import UserError
 from clipse.search.spaces import SPACES_DIR, available_spaces, load_space
+from clipse.util.errors import UserError
 
-DOCUMENTED = {  # docs/losses.md: the search spaces must cover at least these ranges
+DOCUMENTED = {  # docs/reference/losses.md: the search spaces must cover at least these ranges
     "debias": {"alpha": (0.1, 0.3), "delta": (0.2, 0.5), "lambda": (0.5, 2.0)},
     "bandpass": {"alpha": (0.1, 0.2), "m1": (0.1, 0.3), "m2": (0.8, 0.9), "gamma": (0.5, 1.0)},
 }

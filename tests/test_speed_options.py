@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipse.training.batches import TrainingBatches, augment_batch
-from clipse.training.distributed import Ranks
 from clipse.evaluation.encoding import ImageNormalizer
 from clipse.train import main as train_main
+from clipse.training.batches import TrainingBatches, augment_batch
+from clipse.training.distributed import Ranks
 from clipse.training.trainer import train
 
 

@@ -8,21 +8,28 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from helpers import load_study
 from optuna.trial import TrialState
 
 from clipse.config import TrainConfig
-from clipse.util.errors import UserError
 from clipse.final import FinalOptions, run_final
+from clipse.runs.folder import RunFolder
 from clipse.search.command import SearchOptions, run_search
 from clipse.search.command import main as search_main
-from clipse.search.spaces import Param, SearchSpace, load_space
-from clipse.search.study import (WEIGHT_CONSTRAINT, StudySettings, count_trials, create_or_load, open_storage, ranked_trials, retry_lost_trial,
-                          study_names)
-from clipse.runs.folder import RunFolder
 from clipse.search.samplers import SAMPLERS, build_sampler, grid_size, grid_values
+from clipse.search.spaces import Param, SearchSpace, load_space
+from clipse.search.study import (
+    WEIGHT_CONSTRAINT,
+    StudySettings,
+    count_trials,
+    create_or_load,
+    open_storage,
+    ranked_trials,
+    retry_lost_trial,
+    study_names,
+)
 from clipse.training.trainer import train
-
-from helpers import load_study
+from clipse.util.errors import UserError
 
 TINY_TRAINING = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
                  "epochs": 1}

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from clipse.config import TrainConfig
-from clipse.util.errors import UserError
 from clipse.evaluation.metrics import METRIC_KEYS
 from clipse.runs.folder import RunFolder, TrainResult
-from clipse.training.trainer import train
 from clipse.trackers import TRACKERS, Tracker, open_trackers, parse_report_to
 from clipse.trackers.mlflow import resolve_mlflow_uri
+from clipse.training.trainer import train
+from clipse.util.errors import UserError
 
 
 def read_csv(path):

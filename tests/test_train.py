@@ -16,15 +16,15 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from clipse.training import trainer as train_module
 from clipse.config import TrainConfig
-from clipse.eval_retrieval import evaluate_checkpoint
-from clipse.util.errors import UserError
-from clipse.runs.folder import RunFolder
 from clipse.data.sampling import TopicalBatchSampler
+from clipse.eval_retrieval import evaluate_checkpoint
 from clipse.evaluation.metrics import METRIC_KEYS, MP_METRIC_KEYS, TIE_KEYS
-from clipse.training.trainer import build_optimizer, learning_rate, train
+from clipse.runs.folder import RunFolder
 from clipse.train import main as train_main
+from clipse.training import trainer as train_module
+from clipse.training.trainer import build_optimizer, learning_rate, train
+from clipse.util.errors import UserError
 
 TIMING_COLUMNS = ["seconds", "samples_per_s", "trained_by_pid"]  # all that may differ between identical runs
 

@@ -1,6 +1,6 @@
 """Decode-once caches: images as resized uint8 tensors, captions as token tensors, and the
-generated data's ground truth (docs/data.md).
-The first decode of a split uses every CPU the process may use (``clipse.image_decode``); every
+generated data's ground truth (docs/reference/data.md).
+The first decode of a split uses every CPU the process may use (``clipse.data.image_decode``); every
 later load memory-maps the entry, so the processes of a node share one copy.
 
 Cache files live under ``$CLIPSE_CACHE/tensors``, named by a hash of what they were made from
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clipse.data.image_decode import decode_images
 from clipse.data.truth import CaptionTruth
 from clipse.util.errors import UserError
-from clipse.data.image_decode import decode_images
 from clipse.util.paths import cache_dir
 
 CACHE_FORMAT = 1

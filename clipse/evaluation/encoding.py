@@ -1,11 +1,15 @@
-"""Encoding a split once and scoring retrieval on it (docs/metrics.md)."""
+"""Encoding a split once and scoring retrieval on it (docs/reference/metrics.md)."""
 
 from __future__ import annotations
 
 import torch
 
 from clipse.data import SplitTensors
-from clipse.evaluation.metrics import RetrievalRanks, metrics_from_ranks, retrieval_ranks
+from clipse.evaluation.metrics import (
+    RetrievalRanks,
+    metrics_from_ranks,
+    retrieval_ranks,
+)
 
 ENCODE_BATCH = 512
 

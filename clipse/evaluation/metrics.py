@@ -1,4 +1,4 @@
-"""Retrieval metrics (docs/metrics.md: the CLIP_benchmark protocol plus median rank and mAP@10).
+"""Retrieval metrics (docs/reference/metrics.md: the CLIP_benchmark protocol plus median rank and mAP@10).
 
 Every image and every caption is encoded once; ``S = text_emb @ image_emb.T``. Ranks are
 1-based and **tie-aware**: a query's rank, recall and AP are their expected values when the

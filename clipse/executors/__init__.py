@@ -11,10 +11,26 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+from clipse.executors.base import (
+    BACKENDS,
+    CANCELLED,
+    DONE,
+    FAILED,
+    LOST,
+    PENDING,
+    RUNNING,
+    Executor,
+    ExecutorOptions,
+    Resources,
+    Task,
+    WorkerEnvironment,
+    backend_names,
+    register_backend,
+    register_environment,
+    task_resources,
+    worker_environment,
+)
 from clipse.util.errors import UserError
-from clipse.executors.base import (BACKENDS, CANCELLED, DONE, FAILED, LOST, PENDING, RUNNING, Executor,
-                                   ExecutorOptions, Resources, Task, WorkerEnvironment, backend_names, register_backend,
-                                   register_environment, task_resources, worker_environment)
 from clipse.util.fields import check_at_least
 
 for _module in pkgutil.iter_modules(__path__):

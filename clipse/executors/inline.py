@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from clipse.util.errors import UserError
 from clipse.executors.base import DONE, RUNNING, Executor, register_backend
+from clipse.util.errors import UserError
 
 
 @register_backend

@@ -17,9 +17,18 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_ready
 
+from clipse.executors.base import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    LOST,
+    RUNNING,
+    Executor,
+    Task,
+    register_backend,
+)
 from clipse.util.errors import UserError
 from clipse.util.fields import check_at_least, setting
-from clipse.executors.base import CANCELLED, DONE, FAILED, LOST, RUNNING, Executor, Task, register_backend
 
 log = logging.getLogger(__name__)
 

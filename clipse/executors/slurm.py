@@ -19,16 +19,28 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable
 
+from clipse.executors.base import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    LOST,
+    RUNNING,
+    Executor,
+    Resources,
+    Task,
+    WorkerEnvironment,
+    register_backend,
+    register_environment,
+    running_in,
+)
 from clipse.training.distributed import session_from_environment
 from clipse.training.helper import serve
 from clipse.util.errors import UserError
-from clipse.executors.base import (CANCELLED, DONE, FAILED, LOST, RUNNING, Executor, Resources, Task,
-                                   WorkerEnvironment, register_backend, register_environment, running_in)
 from clipse.util.fields import setting
 
 log = logging.getLogger(__name__)
 
-# The last line of a Python traceback: "ValueError: boom", "clipse.errors.UserError: ...".
+# The last line of a Python traceback: "ValueError: boom", "clipse.util.errors.UserError: ...".
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b[^:]*:")
 
 

@@ -1,4 +1,4 @@
-"""Contrastive losses (formulas in ``docs/losses.md``). Each takes L2-normalised embeddings and
+"""Contrastive losses (formulas in ``docs/reference/losses.md``). Each takes L2-normalised embeddings and
 the logit multiplier ``scale`` and returns ``(loss, stats)``; all are weighted InfoNCE with
 different negative weights.
 
@@ -11,8 +11,17 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from clipse.losses.base import (LOSSES, STRENGTH_COLUMN, ContrastiveLoss, LossResult, loss_defaults, loss_names,
-                                loss_param, loss_parameters, register_loss)
+from clipse.losses.base import (
+    LOSSES,
+    STRENGTH_COLUMN,
+    ContrastiveLoss,
+    LossResult,
+    loss_defaults,
+    loss_names,
+    loss_param,
+    loss_parameters,
+    register_loss,
+)
 from clipse.losses.weighted import MAX_LOGIT_SCALE, clamp_scale, weighted_infonce
 
 for _module in pkgutil.iter_modules(__path__):

@@ -20,7 +20,7 @@ from clipse.util.fields import default_of, key_of, kind_of, setting
 
 LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
-# A negative is "suppressed" when its weight is below this (docs/losses.md).
+# A negative is "suppressed" when its weight is below this (docs/reference/losses.md).
 SUPPRESSED_BELOW = 0.9
 
 # The training.csv column holding the strength a step used (SANW's alpha during its warm-up).

@@ -1,5 +1,5 @@
 """Similarity-Aware Negative Weighting: affinity, the two weight families, normalisation, stats,
-and ``SanwLoss``, the base both SANW losses share (their formulas are in ``docs/losses.md``)."""
+and ``SanwLoss``, the base both SANW losses share (their formulas are in ``docs/reference/losses.md``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from clipse.losses.base import SUPPRESSED_BELOW, ContrastiveLoss, LossResult, loss_param
 from clipse.losses.weighted import weighted_infonce
 
-# Statistic thresholds (docs/losses.md): a negative is "suppressed" below 0.9 (SUPPRESSED_BELOW),
+# Statistic thresholds (docs/reference/losses.md): a negative is "suppressed" below 0.9 (SUPPRESSED_BELOW),
 # "emphasised" above 1.1.
 EMPHASISED_ABOVE = 1.1
 BAND_COVERED_ABOVE = 0.5

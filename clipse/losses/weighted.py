@@ -1,4 +1,4 @@
-"""The one weighted-InfoNCE core every loss shares (docs/losses.md)."""
+"""The one weighted-InfoNCE core every loss shares (docs/reference/losses.md)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ weights are already in the local cache, or a local checkpoint file (plain state 
 training checkpoint with ``state_dict`` and ``module.`` prefixes, ``.safetensors``, or a clipse
 run checkpoint). The project's own small architectures in ``clipse/models/configs`` are
 registered with OpenCLIP on import. Nothing is ever downloaded, and checkpoint files are read
-with ``weights_only=True`` (``clipse.checkpoints``).
+with ``weights_only=True`` (``clipse.util.checkpoints``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
-from open_clip.factory import load_state_dict
 import torch
+from open_clip.factory import load_state_dict
 
 from clipse.util.checkpoints import checkpoint_error
 from clipse.util.errors import UserError

@@ -11,7 +11,12 @@ import numpy as np
 import pandas as pd
 
 from clipse.evaluation.metrics import METRIC_KEYS, MP_METRIC_KEYS, RetrievalRanks
-from clipse.evaluation.statistics import image_variance, paired_bootstrap, power_figures, verdict
+from clipse.evaluation.statistics import (
+    image_variance,
+    paired_bootstrap,
+    power_figures,
+    verdict,
+)
 from clipse.runs.folder import RunFolder
 from clipse.util.errors import UserError
 

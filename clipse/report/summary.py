@@ -20,11 +20,17 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from clipse.config import TEST_SET_KEYS  # noqa: E402
-from clipse.util.errors import UserError  # noqa: E402
 from clipse.evaluation.metrics import RANK_RULE  # noqa: E402
-from clipse.evaluation.statistics import ALPHA, CONFIDENCE, EFFECT_OF_INTEREST, POWER, verdict  # noqa: E402
+from clipse.evaluation.statistics import (  # noqa: E402
+    ALPHA,
+    CONFIDENCE,
+    EFFECT_OF_INTEREST,
+    POWER,
+    verdict,
+)
 from clipse.report.comparison import summarise  # noqa: E402
 from clipse.runs.folder import RunFolder  # noqa: E402
+from clipse.util.errors import UserError  # noqa: E402
 from clipse.util.tables import markdown_table  # noqa: E402
 
 HEADLINE = ["r1_mean", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "rsum", "i2t_map10", "t2i_map10", "i2t_mr", "t2i_mr"]

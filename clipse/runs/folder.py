@@ -1,6 +1,6 @@
 """The run folder: its layout, the result of a run, safe writes and reads, and the resume checks.
 
-One folder per run (``docs/run-folder.md``)::
+One folder per run (``docs/reference/run-folder.md``)::
 
     config.yaml      the resolved settings
     training.csv     one row per logged step
@@ -33,10 +33,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from clipse.util.checkpoints import read_checkpoint
 from clipse.config import TRACKING_KEYS, TrainConfig, config_yaml, load_config_file
-from clipse.util.errors import UserError, storage_full_is_one_line
 from clipse.evaluation.metrics import RetrievalRanks
+from clipse.util.checkpoints import read_checkpoint
+from clipse.util.errors import UserError, storage_full_is_one_line
 from clipse.util.paths import ADHOC_RUNS_DIR
 
 # Settings that may change when a run is resumed: they do not change what is computed.

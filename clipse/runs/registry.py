@@ -17,9 +17,9 @@ import torch
 from clipse import __version__
 from clipse.config import TrainConfig
 from clipse.evaluation.metrics import METRIC_KEYS
-from clipse.util.paths import PROJECT_ROOT
-from clipse.util.locks import exclusive_lock
 from clipse.runs.folder import RESUME_FREE_KEYS, TrainResult, append_whole
+from clipse.util.locks import exclusive_lock
+from clipse.util.paths import PROJECT_ROOT
 
 REGISTRY_COLUMNS = (
     ["run_id", "study", "trial", "status", "loss", "params", "epochs_done", "best_epoch"]
@@ -49,7 +49,7 @@ def host() -> str:
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one row, whole or not at all, under an exclusive lock (``clipse.locks``), unless the
+    """Append one row, whole or not at all, under an exclusive lock (``clipse.util.locks``), unless the
     registry already holds this run's row for this outcome (same run, status and epochs: a
     crash between ``result.json`` and its row is repaired by resuming, without a duplicate). The
     header is written by whoever finds the file empty; a registry written by another clipse

@@ -28,24 +28,56 @@ from typing import Any
 
 import optuna
 
+from clipse.config import (
+    DATA_KEYS,
+    MODEL_KEYS,
+    SELECT_METRICS,
+    STUDY_TRACKING_KEYS,
+    TrainConfig,
+    add_config_arguments,
+    config_overrides,
+    read_yaml_document,
+)
+from clipse.executors import (
+    BACKENDS,
+    Executor,
+    ExecutorOptions,
+    Task,
+    executor_from_options,
+    for_training,
+)
+from clipse.executors.workload import Workload, run_workload
 from clipse.search.confirm import confirm_best
-from clipse.config import (DATA_KEYS, MODEL_KEYS, SELECT_METRICS, STUDY_TRACKING_KEYS, TrainConfig,
-                           add_config_arguments, config_overrides, read_yaml_document)
+from clipse.search.objective import StudyRef, TrialOutcome, run_trial_task
+from clipse.search.progress import ProgressLine
+from clipse.search.samplers import SAMPLER_KINDS, SAMPLERS, check_sampler, grid_size
+from clipse.search.spaces import (
+    SearchSpace,
+    available_spaces,
+    check_min_weight_std,
+    load_space,
+)
+from clipse.search.study import (
+    PRUNERS,
+    StudySettings,
+    TrialCounts,
+    count_trials,
+    create_or_load,
+    default_of_setting,
+    open_storage,
+    ranked_trials,
+    secure_storage,
+    stored_settings,
+    study_names,
+    sweep_lost_trials,
+    sweep_session,
+)
+from clipse.trackers.study_record import open_study_record
 from clipse.util.errors import UserError, cli_main, configure_logging
-from clipse.executors import BACKENDS, Executor, ExecutorOptions, Task, executor_from_options, for_training
 from clipse.util.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.util.locks import exclusive_lock
-from clipse.search.objective import StudyRef, TrialOutcome, run_trial_task
 from clipse.util.paths import DEFAULT_STUDIES_DIR, StudyFolder
-from clipse.search.progress import ProgressLine
-from clipse.search.spaces import SearchSpace, available_spaces, check_min_weight_std, load_space
-from clipse.search.samplers import SAMPLER_KINDS, SAMPLERS, check_sampler, grid_size
-from clipse.trackers.study_record import open_study_record
-from clipse.search.study import (PRUNERS, StudySettings, ranked_trials, TrialCounts, count_trials, create_or_load,
-                          default_of_setting, open_storage, secure_storage, stored_settings, study_names,
-                          sweep_lost_trials, sweep_session)
 from clipse.util.tables import markdown_table
-from clipse.executors.workload import Workload, run_workload
 
 # Training settings a search may fix for all its trials (the space chooses the rest).
 TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "precision", "nproc", "micro_batch")
@@ -111,7 +143,7 @@ class SearchResult:
     total: int                   # the study's trial total (--trials, or the grid size when smaller)
     top: list[dict[str, Any]]    # the best completed trials, best first: trial, value (or each metric's value
                                  # with several objectives: the Pareto front), epochs, w_std, params
-    confirmed: dict[str, Any] | None = None  # --confirm-top: clipse.confirm.CONFIRMED_ATTR's record
+    confirmed: dict[str, Any] | None = None  # --confirm-top: clipse.search.confirm.CONFIRMED_ATTR's record
     interrupted: bool = False
     left_running: bool = False   # interrupted with --detach: the jobs (and their trials) run on
 
@@ -121,8 +153,12 @@ class SearchResult:
 
     @property
     def dashboard_command(self) -> str:
-        artifacts = StudyFolder(self.study_dir).artifacts
-        return f"optuna-dashboard {shlex.quote(self.storage)} --artifact-dir {shlex.quote(str(artifacts))}"
+        return dashboard_command(self.storage, StudyFolder(self.study_dir))
+
+
+def dashboard_command(storage: str, folder: StudyFolder) -> str:
+    """The optuna-dashboard command that opens the study with its artifacts (``storage`` without a password)."""
+    return f"optuna-dashboard {shlex.quote(storage)} --artifact-dir {shlex.quote(str(folder.artifacts))}"
 
 
 def resolve_settings(options: SearchOptions, existing: StudySettings | None, space: SearchSpace,
@@ -303,8 +339,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
           f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | "
           + (f"min weight std {settings.min_weight_std:g} | " if settings.min_weight_std else "")
           + (f"{settings.seeds_per_trial} seeds per trial | " if settings.seeds_per_trial > 1 else "") + "executor "
-          f"{options.execution.backend}{workers}" + (f" | {enqueued} trial(s) enqueued" if enqueued else ""),
-          file=sys.stderr)
+          f"{options.execution.backend}{workers}" + (f" | {enqueued} trial(s) enqueued" if enqueued else "")
+          + f"\nwatch it live: {dashboard_command(storage, folder)}", file=sys.stderr)
     grace = executor.heartbeat_grace_s if options.heartbeat_grace is None else options.heartbeat_grace
     workload = TrialWorkload(study, ref, execution, grace)
     confirmed = None
@@ -338,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=f"spaces: {', '.join(available_spaces())}")
     add_arguments(parser, SearchOptions)
     add_config_arguments(parser.add_argument_group("training settings fixed for every trial"), only=TRAINING_KEYS)
-    add_config_arguments(parser.add_argument_group("experiment trackers of the trials (docs/trackers.md)"),
+    add_config_arguments(parser.add_argument_group("experiment trackers of the trials (docs/reference/trackers.md)"),
                          only=STUDY_TRACKING_KEYS)
     return parser
 
@@ -384,7 +420,3 @@ def main(argv: list[str] | None = None) -> int:
         print("no trial completed", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

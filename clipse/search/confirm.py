@@ -13,19 +13,23 @@ finished trials (a confirmation older than the study's last trials is ignored).
 
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+from typing import Any
 
 import numpy as np
 import optuna
 
 from clipse.config import TrainConfig
 from clipse.executors import ExecutorOptions
-from clipse.util.paths import StudyFolder
-from clipse.search.planned_runs import PlannedRun, train_planned
 from clipse.search.objective import seed_value
-from clipse.search.study import count_trials, ranked_trials, stored_settings, trial_settings
+from clipse.search.planned_runs import PlannedRun, train_planned
+from clipse.search.study import (
+    count_trials,
+    ranked_trials,
+    stored_settings,
+    trial_settings,
+)
+from clipse.util.paths import StudyFolder
 
 CONFIRMED_ATTR = "clipse:confirmed"   # study user attr: {"best": number, "trials": [per trial, best first]}
 

@@ -14,7 +14,7 @@ that from happening in two places:
 
 ``python -m clipse.journal check|repair STUDY`` (``clipse/journal.py``) does the same by hand. ``repair`` copies the
 journal to ``<journal>.bak-<time>`` first, then keeps every readable record, recovers a record
-glued behind a torn one, and drops what cannot be read (docs/failure-behaviour.md).
+glued behind a torn one, and drops what cannot be read (docs/reference/failure-behaviour.md).
 
 The lock is Optuna's symlink lock, which works on NFS and Lustre where ``flock`` may not.
 """

@@ -29,15 +29,27 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
 from clipse.config import TrainConfig
-from clipse.util.errors import RankLost, UserError, is_storage_full
 from clipse.executors import worker_environment
-from clipse.util.paths import StudyFolder
-from clipse.search.spaces import SearchSpace
-from clipse.search.study import (HEARTBEAT_INTERVAL_S, OWNER_ATTR, RUN_DIR_ATTR, WEIGHT_CONSTRAINT, Heartbeat, StudySettings,
-                          load_study, retried_numbers, retry_lost_trial, stored_settings, take_back, take_trial)
-from clipse.trackers import tracking_problems
 from clipse.runs.folder import RunFolder, TrainResult
+from clipse.search.spaces import SearchSpace
+from clipse.search.study import (
+    HEARTBEAT_INTERVAL_S,
+    OWNER_ATTR,
+    RUN_DIR_ATTR,
+    WEIGHT_CONSTRAINT,
+    Heartbeat,
+    StudySettings,
+    load_study,
+    retried_numbers,
+    retry_lost_trial,
+    stored_settings,
+    take_back,
+    take_trial,
+)
+from clipse.trackers import tracking_problems
 from clipse.training.trainer import PAUSE, EpochReport, finish_paused, train
+from clipse.util.errors import RankLost, UserError, is_storage_full
+from clipse.util.paths import StudyFolder
 
 DIVERGED_VALUE = 0.0
 log = logging.getLogger(__name__)

@@ -12,12 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipse.config import TrainConfig
-from clipse.util.errors import UserError
-from clipse.executors import DONE, LOST, ExecutorOptions, Task, executor_from_options, for_training
-from clipse.search.progress import format_duration
-from clipse.runs.folder import RunFolder
-from clipse.training.trainer import train
+from clipse.executors import (
+    DONE,
+    LOST,
+    ExecutorOptions,
+    Task,
+    executor_from_options,
+    for_training,
+)
 from clipse.executors.workload import Workload, run_workload
+from clipse.runs.folder import RunFolder
+from clipse.search.progress import format_duration
+from clipse.training.trainer import train
+from clipse.util.errors import UserError
 
 
 @dataclass

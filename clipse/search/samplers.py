@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import optuna
 
-from clipse.util.errors import UserError
 from clipse.search.spaces import Param, SearchSpace
+from clipse.util.errors import UserError
 
 
 @dataclass(frozen=True)

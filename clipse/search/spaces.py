@@ -28,10 +28,16 @@ from typing import Any
 
 import optuna
 
-from clipse.config import TrainConfig, coerce_value, read_yaml_mapping, setting_fields, unknown_key_message
+import search_spaces
+from clipse.config import (
+    TrainConfig,
+    coerce_value,
+    read_yaml_mapping,
+    setting_fields,
+    unknown_key_message,
+)
 from clipse.util.errors import UserError
 from clipse.util.fields import kind_of
-import search_spaces
 
 SPACES_DIR = Path(search_spaces.__file__).parent  # installed with clipse, so found outside a clone too
 TOP_KEYS = {"description", "extends", "fixed", "params", "min_weight_std"}

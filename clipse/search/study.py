@@ -33,11 +33,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from clipse.config import TrainConfig
 from clipse.evaluation.metrics import RANK_RULE
-from clipse.util.errors import UserError
 from clipse.search.journal import open_journal
-from clipse.util.locks import exclusive_lock
-from clipse.search.spaces import SearchSpace
 from clipse.search.samplers import build_sampler
+from clipse.search.spaces import SearchSpace
+from clipse.util.errors import UserError
+from clipse.util.locks import exclusive_lock
 
 SETTINGS_ATTR = "clipse:settings"    # study user attr: StudySettings
 OWNER_ATTR = "clipse:owner"          # trial user attr: identity of the worker running it, and its session
@@ -85,7 +85,7 @@ class StudySettings:
         return len(self.metrics) > 1
 
     def build_sampler(self, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
-        """Each worker builds a fresh sampler per trial (``clipse.study_samplers``)."""
+        """Each worker builds a fresh sampler per trial (``clipse.search.samplers``)."""
         return build_sampler(self.sampler, self.seed, self.startup_trials, SearchSpace.from_dict(self.space_definition),
                              trials_so_far)
 

@@ -1,4 +1,4 @@
-"""Experiment trackers (``--report-to tensorboard,mlflow``; docs/trackers.md): they copy a
+"""Experiment trackers (``--report-to tensorboard,mlflow``; docs/reference/trackers.md): they copy a
 run's step and epoch rows, settings and outcome to TensorBoard or MLflow as it trains.
 
 The run folder stays the record: a tracker that fails, at its start or later, costs one warning
@@ -14,8 +14,15 @@ import pkgutil
 from typing import TYPE_CHECKING
 
 from clipse.config import SETTING_CHECKS
-from clipse.trackers.base import (TRACKERS, Tracker, measurements, parse_report_to, register_tracker, tracker_names,
-                                  tracking_problems)
+from clipse.trackers.base import (
+    TRACKERS,
+    Tracker,
+    measurements,
+    parse_report_to,
+    register_tracker,
+    tracker_names,
+    tracking_problems,
+)
 
 if TYPE_CHECKING:
     from clipse.config import TrainConfig

@@ -6,7 +6,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from clipse.trackers.base import TRAINING_COLUMNS, Tracker, measurements, register_tracker
+from clipse.trackers.base import (
+    TRAINING_COLUMNS,
+    Tracker,
+    measurements,
+    register_tracker,
+)
 
 if TYPE_CHECKING:
     from clipse.config import TrainConfig

@@ -9,9 +9,15 @@ from typing import Callable
 import torch
 
 from clipse.config import TrainConfig
-from clipse.data import CaptionDataset, ShapesSpec, SplitTensors, load_caption_dataset, load_split_tensors
-from clipse.util.errors import UserError
+from clipse.data import (
+    CaptionDataset,
+    ShapesSpec,
+    SplitTensors,
+    load_caption_dataset,
+    load_split_tensors,
+)
 from clipse.models import LoadedModel, create_model
+from clipse.util.errors import UserError
 
 
 def wants_cuda(name: str) -> bool:

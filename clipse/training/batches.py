@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from clipse.data import SplitTensors
-from clipse.training.distributed import SINGLE_PROCESS, Ranks
 from clipse.evaluation.encoding import ImageNormalizer
+from clipse.training.distributed import SINGLE_PROCESS, Ranks
 
 CROP_SCALE = (0.9, 1.0)        # share of the image area a crop keeps (OpenCLIP's training default)
 CROP_RATIO = (3 / 4, 4 / 3)    # aspect ratios of the crop

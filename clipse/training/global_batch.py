@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
+from clipse.losses import ContrastiveLoss
 from clipse.training.batches import StepBatch
 from clipse.training.distributed import Ranks
-from clipse.losses import ContrastiveLoss
 
 
 def encode_pair(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor):

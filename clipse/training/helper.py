@@ -17,7 +17,13 @@ import time
 import torch.distributed as dist
 
 from clipse.config import TrainConfig
-from clipse.training.distributed import INIT_METHOD_ENV, PARENT_PID_ENV, Ranks, Session, ranks_from_environment
+from clipse.training.distributed import (
+    INIT_METHOD_ENV,
+    PARENT_PID_ENV,
+    Ranks,
+    Session,
+    ranks_from_environment,
+)
 from clipse.training.trainer import train_as_helper
 from clipse.util.errors import configure_logging
 

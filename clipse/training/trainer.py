@@ -26,19 +26,27 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from clipse.runs import registry
-from clipse.training.assembly import (autocast_dtype, autocast_for, dataset_for, model_for, prepare_model, resolve_device,
-                             split_tensors, wants_cuda)
-from clipse.training.batches import TrainingBatches
 from clipse.config import TrainConfig
-from clipse.training.distributed import Ranks, run_ranks
-from clipse.util.errors import UserError
-from clipse.evaluation.encoding import ImageNormalizer, evaluate_split
-from clipse.training.global_batch import contrastive_backward
-from clipse.losses import MAX_LOGIT_SCALE, STRENGTH_COLUMN, clamp_scale
-from clipse.runs.folder import RunFolder, TrainResult, default_run_dir
 from clipse.data.sampling import TopicalBatchSampler, fold_short_tail, random_batches
+from clipse.evaluation.encoding import ImageNormalizer, evaluate_split
+from clipse.losses import MAX_LOGIT_SCALE, STRENGTH_COLUMN, clamp_scale
+from clipse.runs import registry
+from clipse.runs.folder import RunFolder, TrainResult, default_run_dir
 from clipse.trackers import TrackerGroup, open_trackers
+from clipse.training.assembly import (
+    autocast_dtype,
+    autocast_for,
+    dataset_for,
+    model_for,
+    prepare_model,
+    resolve_device,
+    split_tensors,
+    wants_cuda,
+)
+from clipse.training.batches import TrainingBatches
+from clipse.training.distributed import Ranks, run_ranks
+from clipse.training.global_batch import contrastive_backward
+from clipse.util.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import torch
 
 from clipse.util.errors import UserError
 
-
 # Lines of torch's weights-only refusal that explain nothing about the file itself.
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 

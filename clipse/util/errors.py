@@ -1,6 +1,6 @@
 """User-facing errors and the CLI wrapper that turns them into one line and an exit code.
 
-Exit status (docs/commands.md): 0 on success, 2 for a user error (bad argument, path, file or configuration)
+Exit status (docs/reference/commands.md): 0 on success, 2 for a user error (bad argument, path, file or configuration)
 with one line on stderr, 1 for anything else.
 """
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from clipse.data.formats.base import FORMATS, DataRequest, DatasetFormat, format_names, register_format
+from clipse.data.formats.base import (
+    FORMATS,
+    DataRequest,
+    DatasetFormat,
+    format_names,
+    register_format,
+)
 from clipse.data.records import CaptionDataset
 from clipse.util.errors import UserError
 

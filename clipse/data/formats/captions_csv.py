@@ -10,8 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 from clipse.data.formats.base import DataRequest, DatasetFormat, register_format
-from clipse.data.formats.common import (SPLIT_ALIASES, assemble, find_image_folder, read_text_lines, seeded_split,
-                                        single_file)
+from clipse.data.formats.common import (
+    SPLIT_ALIASES,
+    assemble,
+    find_image_folder,
+    read_text_lines,
+    seeded_split,
+    single_file,
+)
 from clipse.data.formats.flickr8k import FLICKR8K_SPLIT_FILES
 from clipse.data.records import CaptionDataset
 from clipse.util.errors import UserError

@@ -1,5 +1,5 @@
 """What the dataset formats share: reading text files, finding the image folder, splitting by image
-and assembling a ``CaptionDataset`` with train/val/test (docs/data.md).
+and assembling a ``CaptionDataset`` with train/val/test (docs/reference/data.md).
 
 Quirks of the real files are skipped with one warning that counts them; anything that makes a
 file unusable is a ``UserError`` naming the file (and line) and what is wrong.

@@ -8,7 +8,12 @@ import json
 from pathlib import Path
 
 from clipse.data.formats.base import DataRequest, DatasetFormat, register_format
-from clipse.data.formats.common import SPLIT_ALIASES, assemble, find_image_folder, single_file
+from clipse.data.formats.common import (
+    SPLIT_ALIASES,
+    assemble,
+    find_image_folder,
+    single_file,
+)
 from clipse.data.records import CaptionDataset
 from clipse.util.errors import UserError
 

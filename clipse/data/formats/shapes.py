@@ -11,7 +11,11 @@ import tempfile
 from pathlib import Path
 
 from clipse.data.formats.base import DataRequest, DatasetFormat, register_format
-from clipse.data.formats.flickr8k import FLICKR8K_SPLIT_FILES, FLICKR8K_TOKEN_FILE, read_flickr8k
+from clipse.data.formats.flickr8k import (
+    FLICKR8K_SPLIT_FILES,
+    FLICKR8K_TOKEN_FILE,
+    read_flickr8k,
+)
 from clipse.data.records import CaptionDataset
 from clipse.data.synthetic import ShapesSpec, scene_image, shapes_truth
 from clipse.util.paths import cache_dir
