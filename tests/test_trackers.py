@@ -297,7 +297,7 @@ def test_an_unreachable_mlflow_server_costs_one_warning_line(tmp_path):
 @pytest.mark.slow
 def test_workers_starting_together_on_a_new_default_store_all_record(tmp_path):
     """Opening a new SQLite store creates its tables; workers must not race at that."""
-    script = ("import sys; from clipse.config import TrainConfig; from clipse.run_folder import RunFolder; "
+    script = ("import sys; from clipse.config import TrainConfig; from clipse.runs.folder import RunFolder; "
               "from clipse.trackers import open_trackers; "
               "group = open_trackers(TrainConfig(report_to='mlflow', registry=sys.argv[1]), RunFolder(sys.argv[2])); "
               "print(len(group._trackers))")
