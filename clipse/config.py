@@ -18,8 +18,9 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from clipse.data.formats import FORMATS, format_names
-from clipse.data.synthetic import SHAPES_FN_LEVELS
+from clipse.data.synthetic import SHAPES_DOMAINS, SHAPES_FN_LEVELS
 from clipse.losses import (
+    AFFINITY_SOURCES,
     LOSSES,
     ContrastiveLoss,
     loss_defaults,
@@ -62,37 +63,48 @@ class TrainConfig:
     shapes_fn_level: str = setting("default", "synthetic dataset: how often an in-batch negative truly matches its "
                                    "caption (the mix of caption levels; docs/reference/data.md)", choices=SHAPES_FN_LEVELS,
                                    group="data")
+    shapes_domain: str = setting("default", "synthetic dataset: what scenes and captions are drawn from (pretraining: "
+                                 "the embedded pretrained model's corpus; docs/reference/data.md)",
+                                 choices=SHAPES_DOMAINS, group="data")
     data_seed: int = setting(0, "seed of the synthetic dataset and of automatic splits", group="data")
     val_fraction: float = setting(0.1, "automatic split: share of images for validation", group="data")
     test_fraction: float = setting(0.1, "automatic split: share of images for test", group="data")
     # model
     model: str = setting("clipse-tiny", "OpenCLIP architecture name (see --list-models)", group="model")
-    pretrained: str | None = setting(None, "pretrained tag already in the local cache, or a checkpoint file",
-                                     group="model")
+    pretrained: str | None = setting("shapes-pretrained", "the weights to start from: a pretrained tag (the embedded "
+                                     "shapes-pretrained, built on first use, or an OpenCLIP tag already in the local "
+                                     "cache), a checkpoint file, or none (random init)", group="model")
     lock_image: bool = setting(False, "freeze the image tower", group="model")
     lock_text: bool = setting(False, "freeze the text tower", group="model")
     # loss (docs/reference/losses.md); its parameters are defined by the losses themselves
     loss: str = setting("infonce", "contrastive loss", choices=loss_names)
     loss_params: dict[str, Any] = dataclasses.field(default_factory=loss_defaults)
+    affinity: str = setting("online", "where a loss's affinity comes from: online (the model being trained), frozen "
+                                      "(the starting model), ema (a moving average of the model), truth (the data's "
+                                      "known answer; synthetic data only)", choices=AFFINITY_SOURCES)
+    ema_decay: float = setting(0.999, "--affinity ema: the moving average's decay per optimizer step")
     alpha_warmup_epochs: float = setting(0.0, "ramp the loss's strength (SANW alpha) linearly from 0 over this "
                                               "many epochs")
     # optimisation
-    epochs: int = setting(5, "training epochs")
+    epochs: int = setting(3, "training epochs")
     batch_size: int = setting(128, "pairs per batch")
-    lr: float = setting(2e-3, "peak learning rate (the tiny default model trains from scratch)")
+    lr: float = setting(1e-3, "peak learning rate (fine-tuning the embedded tiny model; a large pretrained CLIP "
+                              "wants about 1e-5, from scratch the tiny model about 2e-3)")
     weight_decay: float = setting(0.1, "AdamW weight decay (not on gains, biases, logit_scale)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.98, "AdamW beta2")
     eps: float = setting(1e-6, "AdamW epsilon")
     warmup_epochs: float = setting(1.0, "linear learning-rate warm-up before the cosine decay")
     grad_clip: float = setting(1.0, "gradient norm clip (0 = off)")
-    init_temperature: float = setting(0.03, "initial temperature of a randomly initialised model "
-                                            "(0.03 trains the tiny default faster than CLIP's 0.07)")
+    init_temperature: float = setting(0.03, "initial temperature of a randomly initialised model (0.03 trains the "
+                                            "tiny model faster than CLIP's 0.07; pretrained weights keep their own)")
     augment: str = setting("none", "training-time augmentation on the device: random resized crops (crop), and "
                                    "horizontal flips (crop_flip: not for captions that say left or right)",
                            choices=AUGMENTATIONS)
     topical_batching: bool = setting(False, "draw batches from k-means clusters of the captions")
     topical_clusters: int = setting(0, "clusters for topical batching (0 = adapt to the data size)")
+    caption_noise: float = setting(0.0, "share of training pairs whose captions are shuffled among themselves (a "
+                                        "planted harm with a known sign, for checking that a comparison detects it)")
     # run
     seed: int = setting(0, "seed of model init, batch order and everything random in training")
     device: str = setting("auto", "where to train", choices=DEVICES)
@@ -175,13 +187,22 @@ class TrainConfig:
             if getattr(self, name) < low:
                 problems.append(f"{name}={getattr(self, name)}: needs at least {low}")
         for name in ("lr", "warmup_epochs", "weight_decay", "grad_clip", "alpha_warmup_epochs", "threads",
-                     "topical_clusters"):
+                     "topical_clusters", "caption_noise"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)}: must not be negative")
         if self.batch_size < self.nproc:
             problems.append(f"batch_size={self.batch_size}: needs at least one pair per process (nproc={self.nproc})")
         if self.init_temperature <= 0:
             problems.append(f"init_temperature={self.init_temperature}: must be positive")
+        if self.caption_noise > 1:
+            problems.append(f"caption_noise={self.caption_noise}: a share, at most 1")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay={self.ema_decay}: needs 0 <= ema_decay < 1")
+        if self.affinity == "truth" and self.data in FORMATS and not FORMATS[self.data].has_ground_truth:
+            problems.append(f"affinity=truth needs data that knows which captions describe which images; --data "
+                            f"{self.data} does not (the synthetic shapes data does)")
+        if self.shapes_domain != "default" and self.shapes_fn_level != "default":
+            problems.append(f"shapes_domain={self.shapes_domain} draws its own captions; it takes no shapes_fn_level")
         for check in SETTING_CHECKS:
             problems += check(self)
         if self.data in FORMATS and FORMATS[self.data].needs_root and not self.data_root:

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from clipse.config import DATA_KEYS, TrainConfig, add_config_arguments, config_overrides
 from clipse.evaluation.encoding import ImageNormalizer, evaluate_split
-from clipse.evaluation.metrics import METRIC_KEYS, TIE_KEYS, retrieval_metrics
+from clipse.evaluation.metrics import (
+    METRIC_KEYS,
+    TIE_KEYS,
+    metrics_table,
+    retrieval_metrics,
+)
 from clipse.training.assembly import (
     autocast_for,
     dataset_for,
@@ -26,7 +31,7 @@ from clipse.training.assembly import (
 from clipse.util.checkpoints import read_checkpoint
 from clipse.util.errors import UserError, cli_main, configure_logging
 
-__all__ = ["retrieval_metrics", "evaluate_checkpoint", "format_table", "main"]
+__all__ = ["retrieval_metrics", "evaluate_checkpoint", "main"]
 
 CONFIG_FLAGS = (*DATA_KEYS, "model", "device")
 
@@ -61,19 +66,6 @@ def evaluate_checkpoint(path: Path, split: str, overrides: dict) -> tuple[dict[s
     return metrics, about
 
 
-def format_table(metrics: dict[str, float]) -> str:
-    """One row per direction, recalls in percent."""
-    header = f"{'':12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MR':>8}{'mAP@10':>9}"
-    rows = [header]
-    for prefix, label in (("i2t", "image->text"), ("t2i", "text->image")):
-        rows.append(f"{label:12}" + "".join(f"{100 * metrics[f'{prefix}_r{k}']:8.2f}" for k in (1, 5, 10))
-                    + f"{metrics[f'{prefix}_mr']:8.1f}{100 * metrics[f'{prefix}_map10']:9.2f}")
-    rows.append(f"R@1 mean {100 * metrics['r1_mean']:.2f}   RSUM {100 * metrics['rsum']:.2f}   "
-                f"tied with other content: {100 * metrics['i2t_tie_share']:.2f}% of images, "
-                f"{100 * metrics['t2i_tie_share']:.2f}% of captions")
-    return "\n".join(rows)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clipse.eval_retrieval",
                                      description="Image-text retrieval metrics of a checkpoint on a split.")
@@ -96,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{about['split']} split of {about['dataset']}: {about['images']} images, {about['captions']} captions; "
               f"model {about['model']} from {about['checkpoint']}")
-        print(format_table(metrics))
+        print(metrics_table(metrics))
     return 0
 
 

@@ -54,6 +54,7 @@ from clipse.search.study import (
     trial_settings,
 )
 from clipse.trackers.study_record import open_study_record
+from clipse.training import build_embedded_model
 from clipse.util.errors import UserError, cli_main, configure_logging
 from clipse.util.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.util.paths import DEFAULT_STUDIES_DIR, StudyFolder
@@ -194,6 +195,8 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
     TrainConfig.from_mapping(options.tracking, "tracking settings").validate()
     record = open_study_record(options.tracking, folder.registry, options.study, folder.path)
     runs, intro = plan_runs(options, storage, study, folder, record.run_settings)
+    for run in runs:  # before any worker needs it
+        build_embedded_model(run.config)
     if not train_planned(runs, options.execution, folder.final_slurm, f"{options.study}-final",
                          f"final {options.study}", folder.final_runs):
         return FinalResult(options.study, storage, folder.final, {}, [], {}, interrupted=True)

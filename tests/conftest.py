@@ -22,7 +22,7 @@ def tiny_config(tmp_path: Path, **changes):
     """A training config that runs in a second or two: tiny synthetic data, two epochs."""
     from clipse.config import TrainConfig
 
-    settings = dict(shapes_train_images=48, shapes_val_images=12, shapes_test_images=12, epochs=2,
+    settings = dict(pretrained="none", shapes_train_images=48, shapes_val_images=12, shapes_test_images=12, epochs=2,
                     batch_size=16, progress=False, data_root=str(tmp_path.parent / f"shapes-{tmp_path.name}"),
                     run_dir=str(tmp_path / "run"), registry=str(tmp_path / "registry.csv"), threads=1)
     settings.update(changes)

@@ -15,7 +15,7 @@ from clipse.evaluation.metrics import METRIC_KEYS, TIE_KEYS
 from clipse.runs.registry import REGISTRY_COLUMNS, append_row
 from clipse.train import main as train_main
 
-TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+TINY = ["--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--threads", "1", "--no-progress"]
 
 
@@ -72,6 +72,9 @@ def test_train_then_eval_from_a_config_file(tmp_path, capsys):
     (["--pretrained", "/nope/model.pt"], ["/nope/model.pt: checkpoint file not found"]),
     (["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"], ["not in the local cache", "pre-stage"]),
     (["--config", "/nope/run.yaml"], ["/nope/run.yaml: file not found"]),
+    (["--affinity", "truth", "--data", "karpathy", "--data-root", "/x/dataset_coco.json"],
+     ["affinity=truth needs data that knows which captions describe which images"]),
+    (["--pretrained", "shapes-pretrained", "--model", "clipse-small"], ["shapes-pretrained is a clipse-tiny model"]),
 ])
 def test_train_user_errors_are_one_line(tmp_path, args, fragments, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

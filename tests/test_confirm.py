@@ -18,7 +18,7 @@ from clipse.search.command import SearchOptions, run_search
 from clipse.search.confirm import CONFIRMED_ATTR
 from clipse.util.errors import UserError
 
-TINY = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16, "epochs": 2}
+TINY = {"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16, "epochs": 2}
 
 
 def options(tmp_path, **changes) -> SearchOptions:
@@ -58,7 +58,8 @@ def test_confirmation_runs_resume_after_a_kill_and_are_not_repeated(tmp_path):
     args = ["--space", "debias", "--trials", "1", "--pruner", "none", "--confirm-top", "1", "--confirm-seeds", "2",
             "--min-weight-std", "0",
             "--studies-dir", str(tmp_path / "studies"), "--data-root", str(tmp_path / "shapes"),
-            "--shapes-train-images", "400", "--shapes-val-images", "12", "--shapes-test-images", "12", "--epochs", "3"]
+            "--pretrained", "none", "--shapes-train-images", "400", "--shapes-val-images", "12", "--shapes-test-images", "12",
+            "--epochs", "3"]
     runs = tmp_path / "studies" / "debias" / "confirm" / "runs"
     process = subprocess.Popen([sys.executable, "-m", "clipse.search", *args], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

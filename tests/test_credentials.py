@@ -17,7 +17,7 @@ from clipse.search.command import SearchOptions, run_search
 from clipse.search.study import count_trials, secure_storage
 from clipse.util.errors import UserError
 
-TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+TINY = ["--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "1"]
 
 
@@ -67,7 +67,7 @@ def test_the_password_is_really_required_and_pgpassword_or_pgpass_supply_it(post
     monkeypatch.delenv("PGPASSFILE", raising=False)
     monkeypatch.chdir(tmp_path)
     options = SearchOptions(space="baseline", trials=1, storage=url, studies_dir=tmp_path / "studies",
-                            training={"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12,
+                            training={"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12,
                                       "batch_size": 16, "epochs": 1, "data_root": str(tmp_path / "shapes")})
     with pytest.raises(UserError, match="cannot open"):
         run_search(options)

@@ -409,3 +409,21 @@ def test_each_epoch_visits_the_clusters_in_its_own_order():
     orders = [tuple(sampler.labels[b[0]] for b in sampler.batches(epoch)[:6]) for epoch in range(6)]
     assert all(len(set(order)) == 6 for order in orders)  # each epoch cycles through every cluster
     assert len({order[0] for order in orders}) > 1 and len(set(orders)) == 6
+
+
+def test_shuffled_captions_are_a_seeded_share_of_the_training_pairs(tmp_path):
+    from clipse.config import TrainConfig
+    from clipse.training.assembly import model_for, split_tensors
+
+    loaded = model_for(TrainConfig(pretrained="none"))
+    split = split_tensors(load_caption_dataset("shapes", tmp_path / "s", shapes=ShapesSpec(40, 4, 4)), "train", loaded)
+    noisy = split.with_shuffled_captions(0.5, seed=3)
+    moved = [k for k in range(len(split.captions)) if noisy.captions[k] != split.captions[k]]
+    assert 0.3 * len(split.captions) < len(moved) <= 0.5 * len(split.captions)  # a shuffled caption may land home
+    assert sorted(noisy.captions) == sorted(split.captions) and torch.equal(noisy.images, split.images)
+    for k in moved:  # tokens and ground truth travel with their caption
+        source = split.captions.index(noisy.captions[k])
+        assert torch.equal(noisy.tokens[k], split.tokens[source])
+        assert torch.equal(noisy.truth.caption_facts[k], split.truth.caption_facts[source])
+    again = split.with_shuffled_captions(0.5, seed=3)
+    assert again.captions == noisy.captions and split.with_shuffled_captions(0.0, seed=3) is split

@@ -74,7 +74,7 @@ def test_two_processes_compute_one_process_on_the_global_batch(tmp_path, loss):
 # ----------------------------------------------------------------------------------------------
 # commands
 
-TRAIN = ["--shapes-train-images", "200", "--shapes-val-images", "50", "--shapes-test-images", "20", "--batch-size", "64",
+TRAIN = ["--pretrained", "none", "--shapes-train-images", "200", "--shapes-val-images", "50", "--shapes-test-images", "20", "--batch-size", "64",
          "--log-every", "1",
          "--no-progress", "--loss", "sanw_debias", "--alpha", "0.5"]
 
@@ -143,7 +143,7 @@ def helper_pids(parent: int) -> list[int]:
 @pytest.mark.recovery
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_run_in_one_line_and_resume_finishes_it(tmp_path):
-    args = ["--epochs", "3", "--nproc", "2", "--shapes-train-images", "300", "--shapes-val-images", "100",
+    args = ["--epochs", "3", "--nproc", "2", "--pretrained", "none", "--shapes-train-images", "300", "--shapes-val-images", "100",
             "--shapes-test-images", "100"]
     command = [sys.executable, "-m", "clipse.train", *TRAIN, "--data-root", str(tmp_path / "shapes"), "--run-dir",
                str(tmp_path / "run"), "--registry", str(tmp_path / "registry.csv"), *args]
@@ -171,7 +171,7 @@ def test_a_killed_rank_ends_the_run_in_one_line_and_resume_finishes_it(tmp_path)
 def test_a_search_trains_its_trials_over_two_processes(tmp_path):
     result = subprocess.run([sys.executable, "-m", "clipse.search", "--space", "debias", "--trials", "1", "--executor",
                              "local", "--workers", "1", "--nproc", "2", "--micro-batch", "16", "--epochs", "1",
-                             "--shapes-train-images", "60", "--shapes-val-images", "20", "--shapes-test-images", "20", "--batch-size", "32",
+                             "--pretrained", "none", "--shapes-train-images", "60", "--shapes-val-images", "20", "--shapes-test-images", "20", "--batch-size", "32",
                              "--studies-dir", str(tmp_path / "studies"), "--data-root", str(tmp_path / "shapes")],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

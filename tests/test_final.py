@@ -25,7 +25,7 @@ from clipse.report.comparison import load_ranks
 from clipse.search.command import SearchOptions, run_search
 from clipse.search.planned_runs import PlannedRun, RunWorkload
 
-TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+TINY = ["--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
 SEARCH_FIGURES = {"search_history": "search_history.png", "param_importances": "param_importances.png",
                   "intermediate_values": "intermediate_values.png", "timeline": "timeline.png",
@@ -42,7 +42,7 @@ def report(tmp_path_factory):
     old = os.getcwd()
     os.chdir(root)
     try:
-        training = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12,
+        training = {"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12,
                     "batch_size": 16, "epochs": 2, "data_root": str(root / "shapes")}
         search = run_search(SearchOptions(space="debias", trials=3, pruner="none", studies_dir=studies,
                                           min_weight_std=0.0, training=training))  # tiny runs barely reweight
@@ -206,7 +206,7 @@ def test_a_lost_run_is_retried_within_max_retries(tmp_path, capsys):
 def test_the_baseline_is_the_best_trial_of_the_baseline_study(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     studies = tmp_path / "studies"
-    training = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+    training = {"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
                 "epochs": 1, "data_root": str(tmp_path / "shapes")}
     for space in ("baseline", "debias"):
         run_search(SearchOptions(space=space, trials=3, pruner="none", seed=2, studies_dir=studies, training=training))

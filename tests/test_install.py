@@ -50,7 +50,7 @@ def test_a_wheel_in_a_fresh_environment_searches_from_another_directory(tmp_path
     assert where.returncode == 0 and all(path.startswith(site) for path in where.stdout.split()), where
     search = subprocess.run(
         [python, "-m", "clipse.search", "--space", "bandpass", "--trials", "1", "--epochs", "1",
-         "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+         "--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
          "--batch-size", "16", "--data-root", str(tmp_path / "shapes")],
         cwd=elsewhere, capture_output=True, text=True, env=env, timeout=600)
     assert search.returncode == 0, search.stderr

@@ -104,7 +104,7 @@ def test_the_ground_truth_is_computed_once_then_read_from_the_cache(tmp_path, mo
     monkeypatch.setattr(synthetic, "_scene", lambda *args: scenes.append(args) or generate(*args))
     again = dataset.truth("train")
     assert scenes == []  # nothing regenerated
-    recomputed = synthetic._shapes_truth(dataset.split("train"), 4, "high")
+    recomputed = synthetic._shapes_truth(dataset.split("train"), 4, "high", "default")
     assert len(scenes) == 30  # (the patched generator is the one that computes)
     for truth in (first, again):
         assert torch.equal(truth.image_facts, recomputed.image_facts)

@@ -90,7 +90,7 @@ def test_the_new_loss_is_searched_from_its_space_file(new_loss, tmp_path, monkey
     space.write_text("fixed: {loss: hardest_negatives}\nparams:\n"
                      "  boost: {type: float, low: 0.5, high: 4.0}\n  quantile: {type: float, low: 0.5, high: 0.9}\n")
     result = run_search(SearchOptions(space=str(space), trials=2, studies_dir=tmp_path / "studies", training={
-        "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+        "pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
         "epochs": 1, "data_root": str(tmp_path / "shapes")}))
     assert result.counts.complete == 2
     assert all({"boost", "quantile"} == {k for k in row if k in ("boost", "quantile")} for row in result.top)

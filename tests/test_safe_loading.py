@@ -12,7 +12,7 @@ import torch
 from clipse.eval_retrieval import main as eval_main
 from clipse.train import main as train_main
 
-TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+TINY = ["--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--threads", "1", "--no-progress"]
 
 

@@ -40,9 +40,9 @@ from clipse.search.study import (
 from clipse.training.trainer import EpochReport
 from clipse.util.errors import UserError
 
-TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+TINY = ["--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2"]
-TINY_TRAINING = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+TINY_TRAINING = {"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
                  "epochs": 2}
 
 
@@ -309,7 +309,7 @@ def test_a_diverged_trial_returns_its_best_value_before_the_divergence(tmp_path,
     assert list(trial.intermediate_values) == [1] and trial.value == trial.intermediate_values[1] > 0
 
 
-SLOW_TRIAL = ["--shapes-train-images", "400", "--shapes-val-images", "100", "--shapes-test-images", "100",
+SLOW_TRIAL = ["--pretrained", "none", "--shapes-train-images", "400", "--shapes-val-images", "100", "--shapes-test-images", "100",
               "--epochs", "3"]  # long enough to be interrupted mid-trial
 
 

@@ -26,10 +26,10 @@ from clipse.search.study import LOST_ATTR, OWNER_ATTR, count_trials
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
+TINY = ["--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "2", "--cpus-per-task", "1", "--mem-gb", "2", "--slurm-poll", "1",
         "--time-min", "20"]
-SLOW = ["--shapes-train-images", "400", "--shapes-val-images", "100", "--shapes-test-images", "100", "--epochs", "3",
+SLOW = ["--pretrained", "none", "--shapes-train-images", "400", "--shapes-val-images", "100", "--shapes-test-images", "100", "--epochs", "3",
         "--pruner", "none"]
 
 

@@ -31,7 +31,7 @@ from clipse.search.study import (
 from clipse.training.trainer import train
 from clipse.util.errors import UserError
 
-TINY_TRAINING = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+TINY_TRAINING = {"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
                  "epochs": 1}
 # stepped and categorical parameters only, so that the grid sampler can search it too: 3 x 2 x 2 points
 STEPPED_SPACE = {"extends": "_shared", "fixed": {"loss": "sanw_debias"}, "params": {

@@ -277,7 +277,7 @@ def test_the_default_mlflow_store_lies_beside_the_registry(tiny, tmp_path, monke
 def test_an_unreachable_mlflow_server_costs_one_warning_line(tmp_path):
     """Through the command line, whose logging goes to stderr: one line, and the run is whole."""
     run = tmp_path / "run"
-    args = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12", "--epochs", "2",
+    args = ["--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12", "--epochs", "2",
             "--batch-size", "16", "--no-progress", "--threads", "1", "--data-root", str(tmp_path / "shapes"),
             "--run-dir", str(run), "--registry", str(tmp_path / "registry.csv"),
             "--report-to", "mlflow", "--mlflow-uri", "http://127.0.0.1:9", "--log-every", "1"]
@@ -321,7 +321,7 @@ def test_a_study_and_its_final_report_nest_under_one_mlflow_run(tmp_path, mlflow
 
     monkeypatch.chdir(tmp_path)
     tracking = {"report_to": "mlflow,tensorboard", "mlflow_uri": mlflow_server, "mlflow_experiment": "study-e2e"}
-    training = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+    training = {"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
                 "epochs": 2, "data_root": str(tmp_path / "shapes")}
     search = run_search(SearchOptions(space="debias", trials=2, pruner="none", studies_dir=tmp_path / "studies",
                                       min_weight_std=0.0, training=training, tracking=tracking,
@@ -359,7 +359,7 @@ def test_an_unreachable_mlflow_costs_a_search_one_warning_line(tmp_path, monkeyp
     from clipse.search.command import SearchOptions, run_search
 
     monkeypatch.chdir(tmp_path)
-    training = {"shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
+    training = {"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
                 "epochs": 1, "data_root": str(tmp_path / "shapes")}
     result = run_search(SearchOptions(space="baseline", trials=2, studies_dir=tmp_path / "studies", training=training,
                                       tracking={"report_to": "mlflow,tensorboard", "mlflow_uri": "http://127.0.0.1:9"}))

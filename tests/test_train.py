@@ -73,7 +73,7 @@ def test_two_runs_are_identical_on_cpu(tiny, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     """SIGKILL during epoch 2, restart with --resume: same final metrics as an uninterrupted run."""
-    args = ["--shapes-train-images", "240", "--shapes-val-images", "12", "--shapes-test-images", "12",
+    args = ["--pretrained", "none", "--shapes-train-images", "240", "--shapes-val-images", "12", "--shapes-test-images", "12",
             "--epochs", "4", "--batch-size", "16", "--no-progress", "--threads", "1",
             "--data-root", str(tmp_path / "shapes"), "--registry", str(tmp_path / "registry.csv")]
     command = [sys.executable, "-m", "clipse.train", *args]
@@ -203,7 +203,7 @@ def test_non_finite_loss_ends_as_diverged(tiny, diverging_loss):
 
 
 def test_a_diverged_run_exits_with_status_1(tmp_path, diverging_loss, capsys):
-    code = train_main(["--loss", "diverges", "--diverge-at", "5", "--shapes-train-images", "48", "--shapes-val-images",
+    code = train_main(["--loss", "diverges", "--diverge-at", "5", "--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-images",
                        "12", "--shapes-test-images", "12", "--batch-size", "16", "--no-progress", "--run-dir",
                        str(tmp_path / "run"), "--registry", str(tmp_path / "r.csv"), "--data-root",
                        str(tmp_path / "shapes")])

@@ -36,6 +36,20 @@ class SplitTensors:
     captions: list[str]
     truth: CaptionTruth | None = None  # which captions truly describe which images, where known
 
+    def with_shuffled_captions(self, share: float, seed: int) -> "SplitTensors":
+        """This split with the captions of a seeded ``share`` of its pairs shuffled among those
+        pairs (tokens, texts and their ground truth alike): a planted harm of known sign."""
+        count = round(share * len(self.tokens))
+        if count < 2:
+            return self
+        rng = np.random.default_rng([seed, 7919])
+        chosen = np.sort(rng.choice(len(self.tokens), count, replace=False))
+        order = np.arange(len(self.tokens))
+        order[chosen] = rng.permutation(chosen)
+        index = torch.from_numpy(order)
+        truth = None if self.truth is None else CaptionTruth(self.truth.image_facts, self.truth.caption_facts[index])
+        return SplitTensors(self.images, self.tokens[index], self.caption_image, [self.captions[k] for k in order], truth)
+
     @functools.cached_property
     def caption_content(self) -> np.ndarray:
         """(C,) ids, equal for captions with identical tokens: they tie under any model."""

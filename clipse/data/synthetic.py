@@ -47,6 +47,26 @@ FN_LEVELS = {
     "high": ("coarse", "background", "coarse", "sized", "complete"),
 }
 SHAPES_FN_LEVELS = tuple(FN_LEVELS)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What scenes and captions are drawn from."""
+
+    colours: tuple[str, ...]
+    backgrounds: tuple[str, ...]
+    levels: tuple[str, ...] | None = None  # the five caption levels; None: --shapes-fn-level's
+
+
+# ``pretraining``: the corpus of the embedded pretrained model, shifted from the default so that
+# fine-tuning has something to learn: no purple or orange shapes, no black background, and no
+# caption that says where a shape is (coarse, sized and background captions only).
+DOMAINS = {
+    "default": Domain(tuple(SHAPE_COLOURS), tuple(BACKGROUNDS)),
+    "pretraining": Domain(("red", "green", "blue", "yellow"), ("white", "gray"),
+                          ("coarse", "sized", "on_background", "sized", "coarse")),
+}
+SHAPES_DOMAINS = tuple(DOMAINS)
 IMAGE_NAME = re.compile(r"shapes_(\d{6})\.jpg$")
 
 
@@ -67,12 +87,14 @@ class ShapesSpec:
     test_images: int
     seed: int = 0
     fn_level: str = "default"
+    domain: str = "default"
 
     @property
     def folder_name(self) -> str:
         level = "" if self.fn_level == "default" else f"-fn{self.fn_level}"
+        domain = "" if self.domain == "default" else f"-{self.domain}"
         return (f"shapes-v{GENERATOR_VERSION}-s{self.seed}-{self.train_images}-{self.val_images}-{self.test_images}"
-                f"{level}")
+                f"{level}{domain}")
 
 
 @dataclass(frozen=True)
@@ -179,23 +201,24 @@ class _Scene:
                 *(fact for shape in self.shapes for fact in shape.facts)}
 
 
-def _scene(index: int, seed: int, fn_level: str = "default") -> _Scene:
+def _scene(index: int, seed: int, fn_level: str = "default", domain: str = "default") -> _Scene:
     rng = np.random.default_rng([seed, index])
-    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    drawn = DOMAINS[domain]
+    background = drawn.backgrounds[rng.integers(len(drawn.backgrounds))]
     cells = rng.permutation(9)[: 1 if rng.random() < 0.6 else 2]
     shapes = [
         _Shape(kind=SHAPES[rng.integers(len(SHAPES))],
-               colour=list(SHAPE_COLOURS)[rng.integers(len(SHAPE_COLOURS))],
+               colour=drawn.colours[rng.integers(len(drawn.colours))],
                size=list(SIZES)[rng.integers(len(SIZES))],
                row=int(cell) // 3, column=int(cell) % 3)
         for cell in cells
     ]
     placements = [_place(shape, rng) for shape in shapes]
-    return _Scene(background, shapes, placements, _captions(shapes, background, rng, FN_LEVELS[fn_level]))
+    return _Scene(background, shapes, placements, _captions(shapes, background, rng, drawn.levels or FN_LEVELS[fn_level]))
 
 
-def scene_image(index: int, seed: int, fn_level: str = "default") -> tuple[Image.Image, list[str]]:
-    scene = _scene(index, seed, fn_level)
+def scene_image(index: int, seed: int, fn_level: str = "default", domain: str = "default") -> tuple[Image.Image, list[str]]:
+    scene = _scene(index, seed, fn_level, domain)
     image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for shape, placement in zip(scene.shapes, scene.placements):
@@ -203,22 +226,22 @@ def scene_image(index: int, seed: int, fn_level: str = "default") -> tuple[Image
     return image, [text for text, _ in scene.captions]
 
 
-def shapes_truth(split: CaptionSplit, seed: int, fn_level: str = "default") -> CaptionTruth:
+def shapes_truth(split: CaptionSplit, seed: int, fn_level: str = "default", domain: str = "default") -> CaptionTruth:
     """Which captions of a split of a generated shapes dataset truly describe which of its images
     (every caption describes its own image, and often others). Regenerating the scenes takes
     about a second per 5,000 images, so the answer is cached, keyed by all it depends on."""
-    parts = [f"shapes{GENERATOR_VERSION}", str(seed), fn_level, *(Path(p).name for p in split.image_paths),
+    parts = [f"shapes{GENERATOR_VERSION}", str(seed), fn_level, domain, *(Path(p).name for p in split.image_paths),
              *split.captions, *map(str, split.caption_image)]
-    return cached_truth(parts, lambda: _shapes_truth(split, seed, fn_level))
+    return cached_truth(parts, lambda: _shapes_truth(split, seed, fn_level, domain))
 
 
-def _shapes_truth(split: CaptionSplit, seed: int, fn_level: str) -> CaptionTruth:
+def _shapes_truth(split: CaptionSplit, seed: int, fn_level: str, domain: str) -> CaptionTruth:
     scenes = []
     for path in split.image_paths:
         match = IMAGE_NAME.search(str(path))
         if match is None:
             raise UserError(f"{path}: not an image of a generated shapes dataset")
-        scenes.append(_scene(int(match.group(1)), seed, fn_level))
+        scenes.append(_scene(int(match.group(1)), seed, fn_level, domain))
     required = []
     for text, row in zip(split.captions, split.caption_image):
         facts = dict(scenes[row].captions).get(text)

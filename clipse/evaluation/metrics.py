@@ -346,3 +346,16 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_i
     tied candidates); MR is a median of expected ranks. Every image and caption counts as its own
     content for ``tie_share`` (``retrieval_ranks`` takes content ids)."""
     return metrics_from_ranks(retrieval_ranks(image_emb, text_emb, caption_image_index))
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """One row per direction, recalls in percent."""
+    header = f"{'':12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MR':>8}{'mAP@10':>9}"
+    rows = [header]
+    for prefix, label in (("i2t", "image->text"), ("t2i", "text->image")):
+        rows.append(f"{label:12}" + "".join(f"{100 * metrics[f'{prefix}_r{k}']:8.2f}" for k in (1, 5, 10))
+                    + f"{metrics[f'{prefix}_mr']:8.1f}{100 * metrics[f'{prefix}_map10']:9.2f}")
+    rows.append(f"R@1 mean {100 * metrics['r1_mean']:.2f}   RSUM {100 * metrics['rsum']:.2f}   "
+                f"tied with other content: {100 * metrics['i2t_tie_share']:.2f}% of images, "
+                f"{100 * metrics['t2i_tie_share']:.2f}% of captions")
+    return "\n".join(rows)

@@ -12,10 +12,12 @@ import importlib
 import pkgutil
 
 from clipse.losses.base import (
+    AFFINITY_SOURCES,
     LOSSES,
     STRENGTH_COLUMN,
     ContrastiveLoss,
     LossResult,
+    Reference,
     loss_defaults,
     loss_names,
     loss_param,
@@ -32,7 +34,7 @@ from clipse.losses.sanw_bandpass import sanw_bandpass_loss  # noqa: E402
 from clipse.losses.sanw_debias import sanw_debias_loss  # noqa: E402
 
 __all__ = [
-    "LOSSES", "MAX_LOGIT_SCALE", "STRENGTH_COLUMN", "ContrastiveLoss", "LossResult", "clamp_scale", "infonce_loss",
+    "AFFINITY_SOURCES", "LOSSES", "MAX_LOGIT_SCALE", "STRENGTH_COLUMN", "ContrastiveLoss", "LossResult", "Reference", "clamp_scale", "infonce_loss",
     "loss_defaults", "loss_names", "loss_param", "loss_parameters", "register_loss", "sanw_bandpass_loss",
     "sanw_debias_loss", "weighted_infonce",
 ]

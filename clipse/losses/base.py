@@ -33,6 +33,21 @@ def loss_param(default: Any, help: str, *, key: str | None = None) -> Any:
     return setting(default, help, key=key)  # pragma: no mutate (runs when a loss class is defined, at import)
 
 
+# Where an affinity may come from (``--affinity``; each built by ``clipse.training.affinity``).
+AFFINITY_SOURCES = ("online", "frozen", "ema", "truth")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Where a loss takes its affinity from when not from the embeddings it trains
+    (``--affinity``, ``clipse.training.affinity``): a teacher's L2-normalised embeddings of the same
+    batch (``image``, ``text``), or a given (B, B) affinity (``matrix``: the data's ground truth)."""
+
+    image: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    matrix: torch.Tensor | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class ContrastiveLoss:
     """Base of every loss. Subclasses are frozen dataclasses of their parameters."""
@@ -41,24 +56,33 @@ class ContrastiveLoss:
     summary: ClassVar[str] = ""
     # The parameter the strength warm-up ramps from 0 (None: the loss has no strength).
     strength: ClassVar[str | None] = None
+    # Whether it weighs negatives by an affinity (then --affinity says where that comes from).
+    uses_affinity: ClassVar[bool] = False
 
-    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale) -> LossResult:
-        """L2-normalised embeddings and the logit multiplier -> (scalar loss, 0-d stat tensors)."""
+    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale,
+                 reference: Reference | None = None) -> LossResult:
+        """L2-normalised embeddings and the logit multiplier -> (scalar loss, 0-d stat tensors).
+        A loss with an affinity takes it from ``reference`` where one is given."""
         raise NotImplementedError
 
     def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale, with_stats: bool = True,
-                false_negatives: torch.Tensor | None = None) -> LossResult:
+                false_negatives: torch.Tensor | None = None, reference: Reference | None = None) -> LossResult:
         """The loss and its statistics, which the trainer sums at every step it gets them. A loss
         whose statistics cost work the loss itself does not need may leave them out when
         ``with_stats`` is False (steps that write no row of training.csv). ``false_negatives``
         (B, B) bool, where the data knows them: [i, j] is True when caption j truly describes
-        image i; the statistics then include ``false_negative_stats`` of the loss's weights."""
-        value, stats = self(image_emb, text_emb, scale)
+        image i; the statistics then include ``false_negative_stats`` of the loss's weights.
+        ``reference`` goes to the loss only when given, so a loss without an affinity may leave
+        it out of its signature."""
+        given = {} if reference is None else {"reference": reference}
+        value, stats = self(image_emb, text_emb, scale, **given)
         if false_negatives is not None:
-            stats = {**stats, **false_negative_stats(self.negative_weights(image_emb, text_emb), false_negatives)}
+            weights = self.negative_weights(image_emb, text_emb, **given)
+            stats = {**stats, **false_negative_stats(weights, false_negatives)}
         return value, stats
 
-    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                         reference: Reference | None = None) -> torch.Tensor:
         """The (B, B) weight of every pair in the loss (1 on the diagonal); plain InfoNCE's are all 1."""
         return torch.ones(image_emb.shape[0], text_emb.shape[0], device=image_emb.device)
 

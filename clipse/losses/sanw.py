@@ -7,7 +7,13 @@ import dataclasses
 
 import torch
 
-from clipse.losses.base import SUPPRESSED_BELOW, ContrastiveLoss, LossResult, loss_param
+from clipse.losses.base import (
+    SUPPRESSED_BELOW,
+    ContrastiveLoss,
+    LossResult,
+    Reference,
+    loss_param,
+)
 from clipse.losses.weighted import weighted_infonce
 
 # Statistic thresholds (docs/reference/losses.md): a negative is "suppressed" below 0.9 (SUPPRESSED_BELOW),
@@ -24,6 +30,17 @@ def affinity(image_emb: torch.Tensor, text_emb: torch.Tensor, rho: float = 0.5) 
     if u.dtype in (torch.float16, torch.bfloat16):
         u, v = u.float(), v.float()
     return rho * (v @ v.T) + (1.0 - rho) * (u @ u.T)
+
+
+def affinity_of(image_emb: torch.Tensor, text_emb: torch.Tensor, rho: float,
+                reference: Reference | None = None) -> torch.Tensor:
+    """The affinity a loss uses: the given matrix, else ``affinity`` of the reference's
+    embeddings, else of the embeddings being trained (``--affinity``)."""
+    if reference is None:
+        return affinity(image_emb, text_emb, rho)
+    if reference.matrix is not None:
+        return reference.matrix.float()
+    return affinity(reference.image, reference.text, rho)
 
 
 def debias_raw_weights(aff: torch.Tensor, *, alpha: float, delta: float, lam: float) -> torch.Tensor:
@@ -94,6 +111,7 @@ class SanwLoss(ContrastiveLoss):
     alpha: float = loss_param(0.2, "SANW strength")
     rho: float = loss_param(0.5, "affinity mix: 1.0 = text-only affinity, 0.0 = image-only")
     strength = "alpha"
+    uses_affinity = True
 
     def raw_weights(self, aff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Unnormalised weights from the affinity, and the band response where there is one."""
@@ -102,11 +120,13 @@ class SanwLoss(ContrastiveLoss):
     def problems(self) -> list[str]:
         return [] if 0 <= self.rho <= 1 else [f"rho={self.rho}: needs 0 <= rho <= 1"]
 
-    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale) -> LossResult:
-        aff = affinity(image_emb, text_emb, self.rho)
+    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale,
+                 reference: Reference | None = None) -> LossResult:
+        aff = affinity_of(image_emb, text_emb, self.rho, reference)
         raw, band = self.raw_weights(aff)
         weights = mass_preserving(raw)
         return weighted_infonce(image_emb, text_emb, scale, weights), weight_stats(weights, aff, band)
 
-    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        return mass_preserving(self.raw_weights(affinity(image_emb, text_emb, self.rho))[0])
+    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                         reference: Reference | None = None) -> torch.Tensor:
+        return mass_preserving(self.raw_weights(affinity_of(image_emb, text_emb, self.rho, reference))[0])

@@ -87,8 +87,9 @@ def cached_pretrained_file(model_name: str, tag: str) -> Path | None:
 
 
 def resolve_weights(model_name: str, pretrained: str | None) -> Path | None:
-    """``None`` for random init; otherwise the local file to load. Never downloads."""
-    if not pretrained:
+    """``None`` for random init (no ``pretrained``, or ``none``); otherwise the local file to load.
+    Never downloads."""
+    if not pretrained or pretrained.lower() == "none":
         return None
     path = Path(pretrained).expanduser()
     if path.is_file():

@@ -73,6 +73,7 @@ from clipse.search.study import (
     sweep_session,
 )
 from clipse.trackers.study_record import open_study_record
+from clipse.training import build_embedded_model
 from clipse.util.errors import UserError, cli_main, configure_logging
 from clipse.util.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.util.locks import exclusive_lock
@@ -80,7 +81,8 @@ from clipse.util.paths import DEFAULT_STUDIES_DIR, StudyFolder
 from clipse.util.tables import markdown_table
 
 # Training settings a search may fix for all its trials (the space chooses the rest).
-TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "precision", "nproc", "micro_batch")
+TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "precision", "nproc", "micro_batch",
+                 "affinity", "ema_decay", "caption_noise")
 # Settings stored with a study that a resumed search may only repeat, not change.
 STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed", "min_weight_std", "seeds_per_trial")
 MAX_TASK_ERRORS = 3
@@ -323,6 +325,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
     if settings.sampler == "grid" and grid_size(space) < total:
         total = grid_size(space)
         print(f"--sampler grid: the grid has {total} points, so the study has {total} trials", file=sys.stderr)
+    # once, here, before any worker needs it (after every check that may refuse the search)
+    build_embedded_model(TrainConfig.from_mapping(space.fixed, f"space {space.name}", base=settings.base_config()))
     study = create_or_load(name, backend, settings)
     enqueued = enqueue_points(study, points, total, folder.ask_lock)
     record = open_study_record(options.tracking, folder.registry, name, folder.path,

@@ -3,6 +3,13 @@ names built into objects (``assembly``), batches on the device (``batches``), on
 global batch (``global_batch``) and the processes of a data-parallel run (``distributed``,
 ``helper``). Nothing here knows Optuna, SLURM or executors."""
 
-from clipse.training.trainer import PAUSE, Callback, EpochReport, finish_paused, train
+from clipse.training.trainer import (
+    PAUSE,
+    Callback,
+    EpochReport,
+    build_embedded_model,
+    finish_paused,
+    train,
+)
 
-__all__ = ["PAUSE", "Callback", "EpochReport", "finish_paused", "train"]
+__all__ = ["PAUSE", "Callback", "EpochReport", "build_embedded_model", "finish_paused", "train"]

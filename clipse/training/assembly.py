@@ -17,6 +17,7 @@ from clipse.data import (
     load_split_tensors,
 )
 from clipse.models import LoadedModel, create_model
+from clipse.training.embedded import built_file, is_embedded
 from clipse.util.errors import UserError
 
 
@@ -71,14 +72,16 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modul
 
 def dataset_for(config: TrainConfig) -> CaptionDataset:
     shapes = ShapesSpec(config.shapes_train_images, config.shapes_val_images, config.shapes_test_images,
-                        config.data_seed, config.shapes_fn_level)
+                        config.data_seed, config.shapes_fn_level, config.shapes_domain)
     return load_caption_dataset(config.data, config.data_root, config.image_root, shapes=shapes,
                                 split_seed=config.data_seed, val_fraction=config.val_fraction,
                                 test_fraction=config.test_fraction)
 
 
 def model_for(config: TrainConfig) -> LoadedModel:
-    return create_model(config.model, config.pretrained, init_temperature=config.init_temperature,
+    """The model, with the embedded pretrained model's file for its tag (``clipse.training.embedded``)."""
+    weights = str(built_file(config.pretrained)) if is_embedded(config.pretrained) else config.pretrained
+    return create_model(config.model, weights, init_temperature=config.init_temperature,
                         lock_image=config.lock_image, lock_text=config.lock_text)
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from clipse.losses import ContrastiveLoss
+from clipse.losses import ContrastiveLoss, Reference
 from clipse.training.batches import StepBatch
 from clipse.training.distributed import Ranks
 
@@ -32,11 +32,13 @@ def encode_pair(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tens
 def contrastive_backward(model: torch.nn.Module, batch: StepBatch, loss: ContrastiveLoss, *, ranks: Ranks,
                          micro_batch: int, autocast: Callable, with_stats: bool,
                          scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-                         false_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+                         false_negatives: torch.Tensor | None = None,
+                         reference: Reference | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Gradients of the global-batch loss accumulated into this rank's parameters (to be averaged
     over the ranks); returns the loss, its statistics and the logit multiplier, detached.
     ``scale_loss`` is the gradient scaler's (float16 training); ``false_negatives`` the global
-    batch's true false negatives, where known (``ContrastiveLoss.compute``)."""
+    batch's true false negatives, where known, and ``reference`` what the loss takes its affinity
+    from, when not the embeddings themselves (``ContrastiveLoss.compute``)."""
     sizes = ranks.shares(batch.global_size)
     tokens = batch.tokens
     if micro_batch <= 0 or micro_batch >= len(batch):
@@ -44,7 +46,8 @@ def contrastive_backward(model: torch.nn.Module, batch: StepBatch, loss: Contras
             image_emb, text_emb = encode_pair(model, batch.images(), tokens)
             scale = model.logit_scale.exp()
             value, stats = loss.compute(ranks.gather(image_emb.float(), sizes), ranks.gather(text_emb.float(), sizes),
-                                        scale.float(), with_stats=with_stats, false_negatives=false_negatives)
+                                        scale.float(), with_stats=with_stats, false_negatives=false_negatives,
+                                        reference=reference)
         scale_loss(value).backward()
         return value.detach(), stats, scale.detach()
 
@@ -56,7 +59,7 @@ def contrastive_backward(model: torch.nn.Module, batch: StepBatch, loss: Contras
     with autocast():
         scale = model.logit_scale.exp()
         value, stats = loss.compute(image_all, text_all, scale.float(), with_stats=with_stats,
-                                    false_negatives=false_negatives)
+                                    false_negatives=false_negatives, reference=reference)
     scale_loss(value).backward()  # the embeddings' gradients, and logit_scale's
     # This rank's rows; times the world size, as the gathered path sends back the sum over ranks.
     mine = ranks.my_rows(batch.global_size)

@@ -33,6 +33,7 @@ from clipse.losses import MAX_LOGIT_SCALE, STRENGTH_COLUMN, clamp_scale
 from clipse.runs import registry
 from clipse.runs.folder import RunFolder, TrainResult, default_run_dir
 from clipse.trackers import TrackerGroup, open_trackers
+from clipse.training.affinity import affinity_source, true_false_negatives
 from clipse.training.assembly import (
     autocast_dtype,
     autocast_for,
@@ -45,6 +46,7 @@ from clipse.training.assembly import (
 )
 from clipse.training.batches import TrainingBatches
 from clipse.training.distributed import Ranks, run_ranks
+from clipse.training.embedded import check_model, ensure_built, is_embedded
 from clipse.training.global_batch import contrastive_backward
 from clipse.util.errors import UserError
 
@@ -100,22 +102,23 @@ def warmup_fraction(config: TrainConfig, epoch_progress: float) -> float:
     return min(1.0, epoch_progress / config.alpha_warmup_epochs)
 
 
-def true_false_negatives(split, batch, device: torch.device) -> torch.Tensor | None:
-    """(B, B) bool of a global batch, where the data knows it: [i, j] is True when pair j's
-    caption truly describes pair i's image (pairs of one image included)."""
-    if split.truth is None:
-        return None
-    pairs = torch.from_numpy(batch)
-    return split.truth.describes(pairs, split.caption_image[pairs]).T.to(device)
-
-
 # ----------------------------------------------------------------------------------------------
+
+
+def build_embedded_model(config: TrainConfig) -> None:
+    """Build the embedded pretrained model ``config`` starts from, if it does and it is missing
+    (``clipse.training.embedded``): once, before any run or worker needs it."""
+    if is_embedded(config.pretrained):
+        check_model(config.pretrained, config.model)
+        dataset_for(config)  # a bad data path is one line, not one line after minutes of building
+        ensure_built(config.pretrained, train)
 
 
 def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResult:
     """Train one run as configured; see the module docstring for outputs and resuming."""
     config.validate()
     autocast_dtype(resolve_device(config.device), config.precision)  # one line before anything is written
+    build_embedded_model(config)
     started = time.perf_counter()
     folder = RunFolder(config.run_dir or default_run_dir())
     finished = folder.start(config)
@@ -168,10 +171,13 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     dataset = dataset_for(config)
     model = loaded.model.to(device)
     ranks.broadcast_state(model)
-    model = prepare_model(model, config)
-    train_data = split_tensors(dataset, "train", loaded)
+    train_data = split_tensors(dataset, "train", loaded).with_shuffled_captions(config.caption_noise, config.seed)
     val_data = split_tensors(dataset, "val", loaded) if ranks.main else None  # rank 0 evaluates
     normalize = ImageNormalizer(loaded.mean, loaded.std, device)
+    loss_function = config.loss_function()
+    source = affinity_source(config.affinity if loss_function.uses_affinity else "online", model, train_data,
+                             normalize, autocast, config.ema_decay)  # from the starting model, before any resume
+    model = prepare_model(model, config)
     training_batches = TrainingBatches(train_data, normalize, config.augment, config.seed)
     n_pairs = len(train_data.tokens)
     if n_pairs < max(2, ranks.world):
@@ -189,7 +195,6 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, config.precision) == torch.float16)
-    loss_function = config.loss_function()
     select_key = config.select_metric
 
     start_epoch, global_step, prior_seconds = 0, 0, 0.0
@@ -198,6 +203,7 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
+        source.load_state_dict(state.get("affinity_source"))
         scaler.load_state_dict(state["scaler"])
         start_epoch, global_step, prior_seconds = state["epoch"], state["global_step"], state["seconds"]
         best_value, best_epoch, best_metrics = state["best_value"], state["best_epoch"], state["best_metrics"]
@@ -232,10 +238,12 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
             step_loss = loss_function.ramped(warmup_fraction(config, epoch + (index + 1) / len(batches)))
             logged = (global_step + 1) % config.log_every == 0 or index == len(batches) - 1
             optimizer.zero_grad(set_to_none=True)
+            step_batch = training_batches(batch, global_step, ranks)
             loss, stats, scale = contrastive_backward(
-                model, training_batches(batch, global_step, ranks), step_loss, ranks=ranks,
-                micro_batch=config.micro_batch, autocast=autocast, with_stats=logged, scale_loss=scaler.scale,
-                false_negatives=true_false_negatives(train_data, batch, device) if logged else None)
+                model, step_batch, step_loss, ranks=ranks, micro_batch=config.micro_batch, autocast=autocast,
+                with_stats=logged, scale_loss=scaler.scale,
+                false_negatives=true_false_negatives(train_data, batch, device) if logged else None,
+                reference=source.reference(batch, step_batch, ranks, autocast))
             global_step += 1
             first_nonfinite = torch.where((first_nonfinite == 0) & ~torch.isfinite(loss), global_step,
                                           first_nonfinite)
@@ -244,6 +252,7 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
             scaler.step(optimizer)
             scaler.update()
+            source.after_step(model)
             with torch.no_grad():
                 model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
                 loss_sum += loss
@@ -303,6 +312,7 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
             "seconds": prior_seconds + time.perf_counter() - started,
             "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
             "last_metrics": last_metrics, "weight_stats": weight_means, "config": config.to_mapping(),
+            "affinity_source": source.state_dict(),
             "rows": {"steps": step_rows, "epoch": epoch_row},  # rewritten on resume if the crash beat them
         })
         folder.append_steps(step_rows)  # after the checkpoint: a row announces a saved epoch

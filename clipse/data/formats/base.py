@@ -33,6 +33,7 @@ class DatasetFormat(ABC):
     name: ClassVar[str]
     help: ClassVar[str]                  # one line for --help
     needs_root: ClassVar[bool] = True    # False: the format can do without --data-root
+    has_ground_truth: ClassVar[bool] = False  # it knows which captions truly describe which images
 
     @classmethod
     @abstractmethod

@@ -33,7 +33,7 @@ def write_shapes_dataset(folder: Path, spec: ShapesSpec) -> None:
         names = []
         for _ in range(count):
             name = f"shapes_{index:06d}.jpg"
-            image, captions = scene_image(index, spec.seed, spec.fn_level)
+            image, captions = scene_image(index, spec.seed, spec.fn_level, spec.domain)
             image.save(image_dir / name, quality=95)
             token_lines += [f"{name}#{k}\t{caption}" for k, caption in enumerate(captions)]
             names.append(name)
@@ -67,6 +67,7 @@ class Shapes(DatasetFormat):
     name = "shapes"
     help = "the synthetic shapes, generated on first use (the default; no files needed)"
     needs_root = False
+    has_ground_truth = True
 
     @classmethod
     def read(cls, request: DataRequest) -> CaptionDataset:
@@ -75,5 +76,6 @@ class Shapes(DatasetFormat):
         folder = ensure_shapes_dataset(request.shapes, request.root)
         dataset = read_flickr8k(folder, request.image_root)
         dataset.name = f"shapes:{request.shapes.folder_name}"
-        dataset.truth_of = functools.partial(shapes_truth, seed=request.shapes.seed, fn_level=request.shapes.fn_level)
+        spec = request.shapes
+        dataset.truth_of = functools.partial(shapes_truth, seed=spec.seed, fn_level=spec.fn_level, domain=spec.domain)
         return dataset
