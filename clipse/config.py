@@ -86,7 +86,7 @@ class TrainConfig:
     alpha_warmup_epochs: float = setting(0.0, "ramp the loss's strength (SANW alpha) linearly from 0 over this "
                                               "many epochs")
     # optimisation
-    epochs: int = setting(3, "training epochs")
+    epochs: int = setting(2, "training epochs")
     batch_size: int = setting(128, "pairs per batch")
     lr: float = setting(1e-3, "peak learning rate (fine-tuning the embedded tiny model; a large pretrained CLIP "
                               "wants about 1e-5, from scratch the tiny model about 2e-3)")

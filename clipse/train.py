@@ -19,6 +19,7 @@ from clipse.models import list_models
 from clipse.runs.folder import TrainResult
 from clipse.training import train
 from clipse.training.distributed import session_from_environment
+from clipse.training.embedded import is_embedded
 from clipse.training.helper import serve
 from clipse.util.errors import cli_main, configure_logging
 
@@ -38,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = load_config_file(args.config) if args.config else TrainConfig()
     return TrainConfig.from_mapping(config_overrides(args), "command line", base=config)
+
+
+def describe_start(config: TrainConfig) -> str:
+    """One line: what the run starts from and trains on."""
+    weights = config.pretrained if config.pretrained and config.pretrained.lower() != "none" else None
+    start = (f"fine-tuning {config.model} from {weights}" + (" (the embedded pretrained model)" if is_embedded(weights)
+                                                              else "")
+             if weights else f"training {config.model} from scratch (random init)")
+    return (f"{start} with {config.loss} on {config.data} data, {config.epochs} epochs, lr {config.lr:g}"
+            + ("; --pretrained none trains from scratch" if is_embedded(weights) else ""))
 
 
 def format_summary(result: TrainResult, select_key: str) -> str:
@@ -72,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if session is not None and config.nproc == 1:
             config = config.replace(nproc=session.ranks.world)
+        print(describe_start(config.validate()), flush=True)
         result = train(config)
     print(format_summary(result, config.select_metric))
     return 0 if result.status == "completed" else 1

@@ -146,7 +146,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 def test_unknown_space_and_bad_values(tmp_path, capsys):
     assert search_main(["--space", "nope", "--trials", "2"]) == 2
-    assert "unknown search space 'nope' (available: bandpass, baseline, debias" in capsys.readouterr().err
+    assert "unknown search space 'nope' (available: bandpass, baseline, dcl, debias" in capsys.readouterr().err
     with pytest.raises(UserError, match="--trials must be at least 1"):
         run_search(SearchOptions(space="baseline", trials=0))
     bad = tmp_path / "bad.yaml"

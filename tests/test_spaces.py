@@ -93,7 +93,7 @@ def test_bad_space_files_name_file_key_and_problem(tmp_path, text, message):
 
 
 def test_unknown_space_lists_available():
-    with pytest.raises(UserError, match=r"unknown search space 'bandpas' \(available: bandpass, baseline, debias"):
+    with pytest.raises(UserError, match=r"unknown search space 'bandpas' \(available: bandpass, baseline, dcl, debias"):
         load_space("bandpas")
 
 

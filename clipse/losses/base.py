@@ -58,6 +58,12 @@ class ContrastiveLoss:
     strength: ClassVar[str | None] = None
     # Whether it weighs negatives by an affinity (then --affinity says where that comes from).
     uses_affinity: ClassVar[bool] = False
+    # Whether it takes the model's learnable logit bias (``prepare_model`` gives the model one).
+    uses_logit_bias: ClassVar[bool] = False
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Give the model what the loss trains besides its towers (called before the optimizer
+        is built and before a resumed checkpoint is loaded)."""
 
     def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale,
                  reference: Reference | None = None) -> LossResult:
@@ -66,24 +72,27 @@ class ContrastiveLoss:
         raise NotImplementedError
 
     def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale, with_stats: bool = True,
-                false_negatives: torch.Tensor | None = None, reference: Reference | None = None) -> LossResult:
+                false_negatives: torch.Tensor | None = None, reference: Reference | None = None,
+                logit_bias: torch.Tensor | None = None) -> LossResult:
         """The loss and its statistics, which the trainer sums at every step it gets them. A loss
         whose statistics cost work the loss itself does not need may leave them out when
         ``with_stats`` is False (steps that write no row of training.csv). ``false_negatives``
         (B, B) bool, where the data knows them: [i, j] is True when caption j truly describes
         image i; the statistics then include ``false_negative_stats`` of the loss's weights.
         ``reference`` goes to the loss only when given, so a loss without an affinity may leave
-        it out of its signature."""
+        it out of its signature; ``logit_bias`` only to a loss that ``uses_logit_bias``."""
         given = {} if reference is None else {"reference": reference}
-        value, stats = self(image_emb, text_emb, scale, **given)
+        bias = {"logit_bias": logit_bias} if self.uses_logit_bias else {}
+        value, stats = self(image_emb, text_emb, scale, **given, **bias)
         if false_negatives is not None:
-            weights = self.negative_weights(image_emb, text_emb, **given)
+            weights = self.negative_weights(image_emb, text_emb, scale=scale, **given)
             stats = {**stats, **false_negative_stats(weights, false_negatives)}
         return value, stats
 
-    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
-                         reference: Reference | None = None) -> torch.Tensor:
-        """The (B, B) weight of every pair in the loss (1 on the diagonal); plain InfoNCE's are all 1."""
+    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor, reference: Reference | None = None,
+                         scale=1.0) -> torch.Tensor:
+        """The (B, B) weight of every pair in the loss (1 on the diagonal); plain InfoNCE's are all 1.
+        ``scale``: the logit multiplier, for weights that depend on the logits."""
         return torch.ones(image_emb.shape[0], text_emb.shape[0], device=image_emb.device)
 
     def problems(self) -> list[str]:

@@ -25,11 +25,12 @@ class InfoNCE(ContrastiveLoss):
         return weighted_infonce(image_emb, text_emb, scale), weight_stats(torch.ones_like(aff), aff)
 
     def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale, with_stats: bool = True,
-                false_negatives: torch.Tensor | None = None, reference: Reference | None = None) -> LossResult:
+                false_negatives: torch.Tensor | None = None, reference: Reference | None = None,
+                logit_bias: torch.Tensor | None = None) -> LossResult:
         """Without statistics, no affinity: InfoNCE needs none (a subclass that redefines
         ``__call__`` has it called at every step, as any loss)."""
         if with_stats or type(self).__call__ is not InfoNCE.__call__:
-            return super().compute(image_emb, text_emb, scale, with_stats, false_negatives, reference)
+            return super().compute(image_emb, text_emb, scale, with_stats, false_negatives, reference, logit_bias)
         return weighted_infonce(image_emb, text_emb, scale), {}
 
 

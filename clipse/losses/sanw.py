@@ -127,6 +127,6 @@ class SanwLoss(ContrastiveLoss):
         weights = mass_preserving(raw)
         return weighted_infonce(image_emb, text_emb, scale, weights), weight_stats(weights, aff, band)
 
-    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
-                         reference: Reference | None = None) -> torch.Tensor:
+    def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor, reference: Reference | None = None,
+                         scale=1.0) -> torch.Tensor:
         return mass_preserving(self.raw_weights(affinity_of(image_emb, text_emb, self.rho, reference))[0])

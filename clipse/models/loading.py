@@ -115,6 +115,8 @@ def load_weights(model: torch.nn.Module, path: Path, model_name: str) -> None:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as exc:  # torch and safetensors raise many kinds for a damaged or unsafe file
         raise checkpoint_error(path, exc) from None
+    if "logit_bias" in state and getattr(model, "logit_bias", None) is None:  # trained with SigLIP's bias
+        model.logit_bias = torch.nn.Parameter(torch.zeros_like(state["logit_bias"]))
     model_keys = set(model.state_dict())
     missing = sorted(model_keys - set(state))
     unexpected = sorted(set(state) - model_keys)

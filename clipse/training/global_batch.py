@@ -47,7 +47,7 @@ def contrastive_backward(model: torch.nn.Module, batch: StepBatch, loss: Contras
             scale = model.logit_scale.exp()
             value, stats = loss.compute(ranks.gather(image_emb.float(), sizes), ranks.gather(text_emb.float(), sizes),
                                         scale.float(), with_stats=with_stats, false_negatives=false_negatives,
-                                        reference=reference)
+                                        reference=reference, logit_bias=getattr(model, "logit_bias", None))
         scale_loss(value).backward()
         return value.detach(), stats, scale.detach()
 
@@ -59,7 +59,8 @@ def contrastive_backward(model: torch.nn.Module, batch: StepBatch, loss: Contras
     with autocast():
         scale = model.logit_scale.exp()
         value, stats = loss.compute(image_all, text_all, scale.float(), with_stats=with_stats,
-                                    false_negatives=false_negatives, reference=reference)
+                                    false_negatives=false_negatives, reference=reference,
+                                    logit_bias=getattr(model, "logit_bias", None))
     scale_loss(value).backward()  # the embeddings' gradients, and logit_scale's
     # This rank's rows; times the world size, as the gathered path sends back the sum over ranks.
     mine = ranks.my_rows(batch.global_size)

@@ -175,6 +175,7 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     val_data = split_tensors(dataset, "val", loaded) if ranks.main else None  # rank 0 evaluates
     normalize = ImageNormalizer(loaded.mean, loaded.std, device)
     loss_function = config.loss_function()
+    loss_function.prepare_model(model)
     source = affinity_source(config.affinity if loss_function.uses_affinity else "online", model, train_data,
                              normalize, autocast, config.ema_decay)  # from the starting model, before any resume
     model = prepare_model(model, config)
