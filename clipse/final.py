@@ -42,20 +42,18 @@ from clipse.report.comparison import summary_verdicts
 from clipse.report.search_plots import plot_search
 from clipse.report.summary import RunRecord, write_report
 from clipse.runs.plots import plot_runs
-from clipse.search.confirm import confirmed_ranking, confirmed_row
+from clipse.search.best import best_trials, describe_values, find_study, open_study
+from clipse.search.outages import announce_outages
 from clipse.search.planned_runs import PlannedRun, train_planned
 from clipse.search.study import (
     is_rdb_url,
-    open_storage,
-    ranked_trials,
     secure_storage,
     stored_settings,
-    study_names,
     trial_settings,
 )
 from clipse.trackers.study_record import open_study_record
 from clipse.training import build_embedded_model
-from clipse.util.errors import UserError, cli_main, configure_logging
+from clipse.util.errors import cli_main, configure_logging
 from clipse.util.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.util.paths import DEFAULT_STUDIES_DIR, StudyFolder
 
@@ -88,52 +86,6 @@ class FinalResult:
     summary: list[dict[str, Any]]        # the rows of summary.csv: label, metric, mean, std, n, diff, ci
     verdicts: dict[str, str]             # configuration -> its R@1 mean against the baseline
     interrupted: bool = False
-
-
-def find_study(name: str, studies_dir: Path, storage: str | None) -> optuna.Study | None:
-    """The study, or None when it does not exist; ``storage`` None means its own journal file."""
-    journal = StudyFolder.of(studies_dir, name).journal
-    if storage is None and not journal.exists():
-        return None
-    backend = open_storage(storage or str(journal))
-    if name not in study_names(backend):
-        return None
-    return optuna.load_study(study_name=name, storage=backend)
-
-
-def open_study(name: str, studies_dir: Path, storage: str | None) -> optuna.Study:
-    study = find_study(name, studies_dir, storage)
-    if study is not None:
-        return study
-    if storage is None:
-        there = sorted(p.parent.name for p in Path(studies_dir).glob(f"*/{StudyFolder(Path()).journal.name}"))
-        raise UserError(f"no study '{name}' in {studies_dir}/ (studies there: {', '.join(there) or 'none'})")
-    names = study_names(open_storage(storage))
-    raise UserError(f"no study '{name}' in {storage} (available: {', '.join(names) or 'none'})")
-
-
-def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The k best completed trials; with several objectives, k trials of the Pareto front (by
-    the mean of the objectives), or the whole front when it is smaller. Trials a search
-    confirmed with further seeds (``clipse.search.confirm``) come first, by their confirmed mean."""
-    ranked = ranked_trials(study)
-    if not ranked:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        raise UserError(f"study '{study.study_name}' has no completed trial yet" if not complete else
-                        f"study '{study.study_name}': none of its {len(complete)} completed trials is feasible (their "
-                        "SANW weights spread less than the study's min weight std)")
-    confirmed = confirmed_ranking(study)
-    by_number = {t.number: t for t in ranked}
-    ranked = [by_number[n] for n in confirmed if n in by_number] + [t for t in ranked if t.number not in confirmed]
-    return ranked[:k]
-
-
-def describe_values(metrics: list[str], trial: optuna.trial.FrozenTrial, study: optuna.Study | None = None) -> str:
-    text = ", ".join(f"{metric} {value:.4f}" for metric, value in zip(metrics, trial.values))
-    confirmed = confirmed_row(study, trial.number) if study is not None else None
-    if confirmed:
-        text += f"; confirmed mean {confirmed['mean']:.4f} over {len(confirmed['values'])} seeds"
-    return text
 
 
 def choose_baseline(options: FinalOptions, storage: str | None, best: dict, best_label: str) -> tuple[dict, str]:
@@ -185,6 +137,7 @@ def run_final(options: FinalOptions) -> FinalResult:
     """Plan, train (reusing finished runs) and report; see the module docstring. Progress goes
     to stderr. Ctrl-C stops the runs and returns a result with ``interrupted`` set."""
     check_at_least(options, 1, "top_k", "seeds", "resamples")
+    announce_outages()
     with secure_storage(options.storage) if options.storage else contextlib.nullcontext() as storage:
         return _final(options, storage)
 

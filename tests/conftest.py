@@ -130,7 +130,8 @@ def slurm_cluster(tmp_path_factory):
 def postgres_server():
     """A throw-away PostgreSQL server (Debian's binaries, run as user postgres: it refuses root),
     on a free port; stopped at the end. User postgres connects without a password; every other
-    role must give its password (scram-sha-256). Yields (port, a function running SQL as postgres)."""
+    role must give its password (scram-sha-256). Yields (port, a function running SQL as postgres),
+    which also has ``stop(fast=True)`` and ``start()`` for outages."""
     import glob
     import shutil
     import socket
@@ -151,15 +152,27 @@ def postgres_server():
                    check=True, capture_output=True)
     Path(f"{folder}/data/pg_hba.conf").write_text(
         "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
-    subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-l", f"{folder}/log", "-w", "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    def start() -> None:
+        subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-l", f"{folder}/log", "-w", "-o",
+                        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True,
+                       capture_output=True)
+
+    def stop(fast: bool = True) -> None:
+        subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-m", "fast" if fast else "smart",
+                        "-w", "stop"], check=True, capture_output=True)
 
     def sql(statement: str, database: str = "postgres") -> None:
         subprocess.run([*as_postgres, f"{bin_dir}/psql", "-h", "127.0.0.1", "-p", str(port), "-d", database,
                         "-v", "ON_ERROR_STOP=1", "-c", statement], check=True, capture_output=True)
 
+    class Server(tuple):
+        """(port, sql), with the server's stop and start."""
+
+    server = Server((port, sql))
+    server.stop, server.start = stop, start
+    start()
     try:
-        yield port, sql
+        yield server
     finally:
         subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-m", "fast", "stop"],
                        capture_output=True)

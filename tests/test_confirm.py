@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from helpers import load_study, wait_for
 
-from clipse.final import best_trials
 from clipse.runs.folder import RunFolder
+from clipse.search.best import best_trials
 from clipse.search.command import SearchOptions, run_search
 from clipse.search.confirm import CONFIRMED_ATTR
 from clipse.util.errors import UserError

@@ -22,7 +22,7 @@ LAYERS = (
     ("executors",),
     ("search",),
     ("report",),
-    ("train", "final", "eval_retrieval", "journal", "pretrain"),
+    ("train", "final", "eval_retrieval", "journal", "pretrain", "leaderboard"),
 )
 RANK = {folder: rank for rank, folders in enumerate(LAYERS) for folder in folders}
 

@@ -61,14 +61,22 @@ def _resampled_differences(config_ranks: list[RetrievalRanks], baseline_ranks: l
 
 
 def paired_bootstrap(config_ranks: list[RetrievalRanks], baseline_ranks: list[RetrievalRanks],
-                     resamples: int = 2000, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """95% interval of (config - baseline) for each metric but the median ranks: seeds and
-    test images resampled together for both sides. Seeds pair by position (the same training
-    seed)."""
+                     resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
+                     ) -> dict[str, tuple[float, float]]:
+    """The ``confidence`` interval (95%) of (config - baseline) for each metric but the median
+    ranks: seeds and test images resampled together for both sides. Seeds pair by position (the
+    same training seed)."""
     seeds, counts = _draws(len(config_ranks), config_ranks[0].n_images, resamples, seed)
     differences = _resampled_differences(config_ranks, baseline_ranks, seeds, counts)
-    tail = (1 - CONFIDENCE) / 2 * 100
+    tail = (1 - confidence) / 2 * 100
     return {key: (float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail))) for key, d in differences.items()}
+
+
+def family_confidence(comparisons: int, family: float = CONFIDENCE) -> float:
+    """Bonferroni: each of ``comparisons`` intervals at ``1 - (1 - family) / comparisons``, so that
+    the chance that any of them misses its true difference (the family-wise error) is at most
+    ``1 - family``."""
+    return 1 - (1 - family) / max(1, comparisons)
 
 
 def image_variance(config_ranks: list[RetrievalRanks], baseline_ranks: list[RetrievalRanks],

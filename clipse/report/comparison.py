@@ -12,6 +12,7 @@ import pandas as pd
 
 from clipse.evaluation.metrics import METRIC_KEYS, MP_METRIC_KEYS, RetrievalRanks
 from clipse.evaluation.statistics import (
+    CONFIDENCE,
     image_variance,
     paired_bootstrap,
     power_figures,
@@ -25,9 +26,10 @@ def load_ranks(run_dir: Path) -> RetrievalRanks:
     return RunFolder(run_dir).test_ranks()
 
 
-def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2000) -> pd.DataFrame:
+def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2000,
+              confidence: float = CONFIDENCE) -> pd.DataFrame:
     """One row per (label, metric): mean, std (over seeds), n, and against the baseline the
-    difference of means, its paired-bootstrap interval and its power: ``se``, ``mde``,
+    difference of means, its paired-bootstrap ``confidence`` interval and its power: ``se``, ``mde``,
     ``seeds_for_1pt`` and ``images_for_1pt`` (inf: not reachable by that alone; NaN with one
     seed, where the seed variance is unknown; none for the median ranks)."""
     if resamples < 1:
@@ -45,7 +47,7 @@ def summarise(runs: pd.DataFrame, baseline_label: str | None, resamples: int = 2
                 raise UserError(f"'{label}' and the baseline were trained with different seeds")
             config_ranks = [load_ranks(d) for d in group["run_dir"]]
             baseline_ranks = [load_ranks(d) for d in baseline["run_dir"]]
-            interval = paired_bootstrap(config_ranks, baseline_ranks, resamples)
+            interval = paired_bootstrap(config_ranks, baseline_ranks, resamples, confidence=confidence)
             images_var = image_variance(config_ranks, baseline_ranks, resamples)
             n_images = config_ranks[0].n_images
         for key in METRIC_KEYS + shared_multi_positive_keys(runs):

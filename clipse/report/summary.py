@@ -74,7 +74,12 @@ def read_runs(records: list[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: str | None, intro: str) -> str:
+def percent(confidence: float) -> str:
+    return f"{100 * confidence:.4g}%"
+
+
+def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: str | None, intro: str,
+                     confidence: float = CONFIDENCE) -> str:
     """The report: mean ± std per configuration, then each one against the baseline."""
     def fmt(key, value):
         return f"{value:.2f}" if key.endswith("_mr") else f"{100 * value:.2f}"
@@ -103,7 +108,7 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: 
     lines += [f"\n**Warning:** `{label}` {text}" for label, text in collapse_warnings(runs).items()]
     lines += strict_rule_warning(runs)
     if baseline_label and "diff" in summary:
-        lines += ["", f"Against the baseline `{baseline_label}`: difference of means, {int(CONFIDENCE * 100)}% "
+        lines += ["", f"Against the baseline `{baseline_label}`: difference of means, {percent(confidence)} "
                   "interval from a paired bootstrap over test images and seeds (none for MR).", ""]
         diff_rows = []
         for label, group in summary[summary["label"] != baseline_label].groupby("label", sort=False):
@@ -218,15 +223,15 @@ def plot_test_metrics(runs: pd.DataFrame, out: Path, metrics: tuple[str, ...] = 
 
 
 def write_report(records: list[RunRecord], baseline_label: str | None, out_dir: Path, intro: str,
-                 resamples: int = 2000) -> dict[str, Path]:
+                 resamples: int = 2000, confidence: float = CONFIDENCE) -> dict[str, Path]:
     """runs.csv, summary.csv, summary.md and test_metrics.png in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = read_runs(records)
-    summary = summarise(runs, baseline_label, resamples)
+    summary = summarise(runs, baseline_label, resamples, confidence)
     paths = {"runs": out_dir / "runs.csv", "summary_csv": out_dir / "summary.csv", "summary_md": out_dir / "summary.md",
              "test_metrics": out_dir / "test_metrics.png"}
     runs.to_csv(paths["runs"], index=False)
     summary.to_csv(paths["summary_csv"], index=False)
-    paths["summary_md"].write_text(summary_markdown(summary, runs, baseline_label, intro))
+    paths["summary_md"].write_text(summary_markdown(summary, runs, baseline_label, intro, confidence))
     plot_test_metrics(runs, paths["test_metrics"])
     return paths

@@ -49,6 +49,7 @@ from clipse.executors import (
 from clipse.executors.workload import Workload, run_workload
 from clipse.search.confirm import confirm_best
 from clipse.search.objective import StudyRef, TrialOutcome, run_trial_task
+from clipse.search.outages import STORAGE_GRACE_S, announce_outages, recent_outage_s
 from clipse.search.progress import ProgressLine
 from clipse.search.samplers import SAMPLER_KINDS, SAMPLERS, check_sampler, grid_size
 from clipse.search.spaces import (
@@ -127,6 +128,9 @@ class SearchOptions:
         None, "seconds without a heartbeat before a running trial counts as lost (workers known to have ended "
         "are noticed at once)", shown_default=", ".join(f"{name} {backend.heartbeat_grace_s:.0f}"
                                                         for name, backend in BACKENDS.items()))
+    storage_grace: float = setting(STORAGE_GRACE_S, "seconds the study's storage may be unreachable (a database "
+                                   "restarting or down, a shared filesystem away) before the search and its workers "
+                                   "stop with exit status 75; shorter outages only pause them")
     execution: ExecutorOptions = setting(default_factory=ExecutorOptions, nested=True)
     # training settings fixed for every trial (keys as in YAML files: epochs, data_root, ...)
     training: dict[str, Any] = field(default_factory=dict)
@@ -224,7 +228,9 @@ class TrialWorkload(Workload):
         self.allowed_errors = max(MAX_TASK_ERRORS, 2 * execution.workers)
 
     def sweep(self, executor: Executor) -> None:
-        sweep_lost_trials(self.study, grace_s=self.grace_s, worker_gone=executor.worker_gone,
+        # after an outage, workers need as long again to get their heartbeats through
+        grace = self.grace_s + recent_outage_s(self.ref.storage, self.grace_s)
+        sweep_lost_trials(self.study, grace_s=grace, worker_gone=executor.worker_gone,
                           max_retries=self.execution.max_retries)
         self.counts = count_trials(self.study, self.ref.session)
 
@@ -291,6 +297,8 @@ def run_search(options: SearchOptions) -> SearchResult:
     """Create or resume the study and run it to its total (see the module docstring). Progress
     goes to stderr. Ctrl-C stops the work and returns a result with ``interrupted`` set."""
     check_at_least(options, 1, "trials")
+    if options.storage_grace <= 0:
+        raise UserError("--storage-grace must be positive")
     if options.heartbeat_grace is not None and options.heartbeat_grace <= 0:
         raise UserError("--heartbeat-grace must be positive")
     if options.min_weight_std is not None:
@@ -301,6 +309,7 @@ def run_search(options: SearchOptions) -> SearchResult:
     check_at_least(options, 1, "confirm_seeds")
     space = load_space(options.space)
     name = options.study or space.name
+    announce_outages()
     folder = StudyFolder.of(options.studies_dir, name)
     with secure_storage(options.storage or str(folder.journal)) as storage:
         return _search(options, space, name, folder, storage)
@@ -308,7 +317,7 @@ def run_search(options: SearchOptions) -> SearchResult:
 
 def _search(options: SearchOptions, space: SearchSpace, name: str, folder: StudyFolder, storage: str) -> SearchResult:
     folder.path.mkdir(parents=True, exist_ok=True)
-    backend = open_storage(storage)
+    backend = open_storage(storage, options.storage_grace)
     existing = None
     if name in study_names(backend):
         existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
@@ -333,7 +342,7 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
                                {f"clipse.{key}": str(getattr(settings, key)) for key in ("space", *STUDY_KEYS)})
     ref = StudyRef(name=name, storage=storage, study_dir=str(folder.path),
                    session=f"{platform.node()}-{os.getpid()}-{int(time.time())}", total=total,
-                   tracking=tuple(record.run_settings.items()))
+                   tracking=tuple(record.run_settings.items()), storage_grace_s=options.storage_grace)
     counts = count_trials(study)
     workers = f" x{options.execution.workers}" if options.execution.backend != "inline" else ""
     objective = (f"objectives {settings.metric} (Pareto front; pruning is off: Optuna cannot prune several "

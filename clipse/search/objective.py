@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from clipse.config import TrainConfig
 from clipse.executors import worker_environment
 from clipse.runs.folder import RunFolder, TrainResult
+from clipse.search.outages import STORAGE_GRACE_S
 from clipse.search.spaces import SearchSpace
 from clipse.search.study import (
     HEARTBEAT_INTERVAL_S,
@@ -48,7 +49,7 @@ from clipse.search.study import (
 )
 from clipse.trackers import tracking_problems
 from clipse.training.trainer import PAUSE, EpochReport, finish_paused, train
-from clipse.util.errors import RankLost, UserError, is_storage_full
+from clipse.util.errors import RankLost, StorageUnreachable, UserError, is_storage_full
 from clipse.util.paths import StudyFolder
 
 DIVERGED_VALUE = 0.0
@@ -74,6 +75,7 @@ class StudyRef:
     total: int | None = None            # no task asks for a trial beyond the study's total
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     tracking: tuple[tuple[str, Any], ...] = ()  # tracking settings of every trial (clipse.trackers.study_record)
+    storage_grace_s: float = STORAGE_GRACE_S    # how long the storage may be unreachable before the worker stops
 
     @property
     def folder(self) -> StudyFolder:
@@ -110,6 +112,8 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, settings: 
             trial.report(epoch.metrics[metrics[0]], step=epoch.epoch)
             return trial.should_prune()
 
+        if len(metrics) == 1:
+            report_missing_epochs(trial, run_dir, metrics[0], reported)
         results = [train(config, [report] if len(metrics) == 1 else [])]
         status = results[0].status
     trial.set_user_attr("status", status)
@@ -130,6 +134,15 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, settings: 
     if len(metrics) > 1:  # each objective at the checkpoint's epoch (per seed), averaged over seeds
         return [float(np.mean([r.best_metrics.get(m, DIVERGED_VALUE) for r in results])) for m in metrics]
     return float(np.mean([seed_value(r) for r in results]))
+
+
+def report_missing_epochs(trial: optuna.Trial, run_dir: Path, metric: str, reported: frozenset[int]) -> None:
+    """A retried trial's epochs that its run folder finished but the storage never got (a worker
+    that stopped between the checkpoint and the report, or during a storage outage), reported
+    before training goes on, so that the pruner and the dashboard see every epoch in order."""
+    for row in RunFolder(run_dir).epoch_rows():
+        if int(row["epoch"]) not in reported:
+            trial.report(float(row[metric]), step=int(row["epoch"]))
 
 
 def seed_value(result: TrainResult) -> float:
@@ -224,7 +237,7 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
     for want of space (a checkpoint, a row, a plot) fails the trial with that line and queues a
     retry (within the study's retries), which resumes from the last checkpoint."""
     environment = worker_environment()
-    study = load_study(ref.name, ref.storage)
+    study = load_study(ref.name, ref.storage, ref.storage_grace_s)
     settings = stored_settings(study)
     space = SearchSpace.from_dict(settings.space_definition)
     trials = study.get_trials(deepcopy=False)
@@ -250,6 +263,8 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
         except KeyboardInterrupt:
             retry_lost_trial(study, _frozen(study, trial.number), "interrupted (Ctrl-C)", max_retries)
             raise
+        except StorageUnreachable:
+            raise  # nothing can be written: the trial stays RUNNING, and the next run retries it
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("error", text)

@@ -34,9 +34,10 @@ from optuna.trial import FrozenTrial, TrialState
 from clipse.config import TrainConfig
 from clipse.evaluation.metrics import RANK_RULE
 from clipse.search.journal import open_journal
+from clipse.search.outages import STORAGE_GRACE_S, OutageTolerantStorage, ride_out
 from clipse.search.samplers import build_sampler
 from clipse.search.spaces import SearchSpace
-from clipse.util.errors import UserError
+from clipse.util.errors import StorageUnreachable, UserError
 from clipse.util.locks import exclusive_lock
 
 SETTINGS_ATTR = "clipse:settings"    # study user attr: StudySettings
@@ -156,13 +157,20 @@ def secure_storage(storage: str) -> Iterator[str]:
             os.environ["PGPASSWORD"] = previous
 
 
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
-    try:
+def open_storage(storage: str, grace_s: float = STORAGE_GRACE_S, wait: bool = False) -> optuna.storages.BaseStorage:
+    """The storage ``storage`` names (an RDB URL without its password, or a journal file); its
+    calls ride out outages shorter than ``grace_s`` (``clipse.search.outages``). Opening it must
+    succeed at once (a typo in a URL is one line, not a wait) unless ``wait``, as for a worker
+    joining a study whose storage is away for a moment."""
+    def inner() -> optuna.storages.BaseStorage:
         if is_rdb_url(storage):
             kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
             return optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
         return optuna.storages.JournalStorage(open_journal(Path(storage)))
-    except UserError:
+
+    try:
+        return OutageTolerantStorage(ride_out(inner, storage, grace_s) if wait else inner(), storage, grace_s)
+    except (UserError, StorageUnreachable):
         raise
     except (ImportError, ModuleNotFoundError) as exc:
         raise UserError(f"storage {storage}: a driver is missing ({exc}); for PostgreSQL: pip install 'psycopg[binary]'") from None
@@ -204,9 +212,9 @@ def stored_settings(study: optuna.Study) -> StudySettings:
                         "(its stored settings do not match); use a new --study") from None
 
 
-def load_study(name: str, storage: str) -> optuna.Study:
+def load_study(name: str, storage: str, grace_s: float = STORAGE_GRACE_S) -> optuna.Study:
     """An existing study, with the sampler and pruner its stored settings describe."""
-    backend = open_storage(storage)
+    backend = open_storage(storage, grace_s, wait=True)
     try:
         plain = optuna.load_study(study_name=name, storage=backend)
     except KeyError:

@@ -1,7 +1,8 @@
 """User-facing errors and the CLI wrapper that turns them into one line and an exit code.
 
 Exit status (docs/reference/commands.md): 0 on success, 2 for a user error (bad argument, path, file or configuration)
-with one line on stderr, 1 for anything else.
+with one line on stderr, 75 when the study's storage stayed unreachable past the grace period
+(run the command again later), 130 after Ctrl-C, 1 for anything else.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class RankLost(UserError):
     last epoch checkpoint: ``--resume`` continues, and a search retries the trial."""
 
 
+class StorageUnreachable(Exception):
+    """The study's storage could not be reached for longer than the grace period; nothing was
+    lost, and the same command continues the study once the storage is back."""
+
+
 STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -50,6 +56,7 @@ def storage_full_is_one_line(path: Path) -> Iterator[None]:
 
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+EXIT_STORAGE_UNREACHABLE = 75  # EX_TEMPFAIL: try again later
 
 
 def _interrupt(signum, frame) -> None:
@@ -73,6 +80,9 @@ def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[s
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except StorageUnreachable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_STORAGE_UNREACHABLE
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
