@@ -26,6 +26,13 @@ command runs to the end, and the soak checks and prints:
     was trained again (the epochs the completed trials needed vs those trained twice).
 Exit status 0 when every check holds, 1 otherwise.
 
+With ``--storage postgres`` the study lives in a throw-away PostgreSQL server the soak starts
+(``scripts/postgres_server.py``; root and Debian's postgresql needed), the search gets
+``--storage-grace`` 20 s, and storage faults replace the torn journal records:
+  pg-restart           ``pg_ctl restart -m fast``: every session cut, the server back in a second
+  pg-outage            the server stopped for a drawn 2-12 s, then started (shorter than the grace)
+  pg-long-outage       the server stopped until the command gives up (exit 75), then started and
+                       the command run again
 With ``--executor slurm`` the trials are jobs of the SLURM cluster (``scripts/slurm_cluster.sh``
 brings up a one-node one), a killed worker is the job's process, and one more fault joins:
   requeue-job          ``scontrol requeue`` of a running trial's job (it must continue its trial)
@@ -54,13 +61,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from clipse.runs.folder import RunFolder, read_csv  # noqa: E402
 from clipse.search.journal import check_journal  # noqa: E402
-from clipse.search.study import OWNER_ATTR, RETRY_OF_ATTR, RUN_DIR_ATTR, count_trials  # noqa: E402
+from clipse.search.study import (  # noqa: E402
+    LOST_ATTR,
+    OWNER_ATTR,
+    RETRY_OF_ATTR,
+    RUN_DIR_ATTR,
+    count_trials,
+    retried_numbers,
+)
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from postgres_server import ThrowawayPostgres  # noqa: E402
 
 STUDY = "chaos"
 TORN = b'{"op_code":8,"worker_id":"chaos","trial_id":0,"user_attr":{"torn'
 # the default schedule's mix, per 20 faults (restarting the command costs the most time)
 FAULTS = {"kill-worker": 10, "tear-journal": 7, "kill-coordinator": 1, "sigterm-coordinator": 1, "sigint-coordinator": 1}
 SLURM_FAULTS = {**FAULTS, "kill-worker": 7, "requeue-job": 3}
+POSTGRES_FAULTS = {"kill-worker": 8, "pg-restart": 3, "pg-outage": 5, "pg-long-outage": 1, "kill-coordinator": 1,
+                   "sigterm-coordinator": 1, "sigint-coordinator": 1}
+STORAGE_GRACE_S = 20
 SLURM_FLAGS = ["--cpus-per-task", "1", "--mem-gb", "2", "--slurm-poll", "1", "--time-min", "20"]
 TINY = ["--shapes-train-images", "48", "--shapes-val-images", "12", "--shapes-test-images", "12",
         "--batch-size", "16", "--epochs", "3"]
@@ -78,17 +98,25 @@ class Soak:
     applied: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
     unexpected: list[str] = field(default_factory=list)  # exits the faults do not explain
+    postgres: object | None = None                       # the throw-away server (--storage postgres)
+    outage_seconds: list[float] = field(default_factory=list)
 
     @property
     def journal(self) -> Path:
         return self.workdir / "studies" / STUDY / "journal.log"
+
+    @property
+    def storage_flags(self) -> list[str]:
+        if self.postgres is None:
+            return []
+        return ["--storage", self.postgres.url("chaos"), "--storage-grace", str(STORAGE_GRACE_S)]
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "clipse.search", "--space", "baseline", "--trials", str(self.args.trials),
                 "--study", STUDY, "--studies-dir", str(self.workdir / "studies"), "--seed", str(self.args.seed),
                 "--executor", self.args.executor, "--workers", str(self.args.workers), "--pruner", "none",
                 "--max-retries", "100", "--heartbeat-grace", "20", "--data-root", str(self.workdir / "shapes"), *TINY,
-                *(SLURM_FLAGS if self.args.executor == "slurm" else [])]
+                *(SLURM_FLAGS if self.args.executor == "slurm" else []), *self.storage_flags]
 
     def start(self) -> None:
         log = open(self.workdir / "search.log", "a")
@@ -101,6 +129,11 @@ class Soak:
         return self.process is not None and self.process.poll() is None
 
     def study(self) -> optuna.Study | None:
+        if self.postgres is not None:
+            try:
+                return optuna.load_study(study_name=STUDY, storage=self.postgres.url("chaos"))
+            except Exception:  # not created yet, or the server is down for a fault
+                return None
         if not self.journal.exists():
             return None
         try:  # read through plain Optuna: the soak must not cut torn tails itself, clipse's processes must
@@ -183,6 +216,28 @@ class Soak:
                     handle.write(TORN)
             finally:
                 lock.release()
+        elif fault == "pg-restart":
+            self.postgres.restart()
+        elif fault == "pg-outage":
+            length = self.rng.uniform(2, 12)
+            self.postgres.stop()
+            time.sleep(length)
+            self.postgres.start()
+            self.outage_seconds.append(length)
+        elif fault == "pg-long-outage":
+            self.wait_until_started()
+            started = time.time()
+            self.postgres.stop()
+            try:
+                self.process.wait(timeout=STORAGE_GRACE_S + 60)
+            except subprocess.TimeoutExpired:
+                self.unexpected.append("the command did not give up on an unreachable storage")
+            self.outage_seconds.append(time.time() - started)
+            self.postgres.start()
+            if self.process.returncode != 75:
+                self.unexpected.append(f"after a long outage the command exited {self.process.returncode}, expected 75")
+            self.restarts += 1
+            self.start()
         elif fault == "requeue-job":
             jobs = self.running_jobs()
             if not jobs or subprocess.run(["scontrol", "requeue", self.rng.choice(jobs)],
@@ -237,7 +292,8 @@ def schedule(rng: random.Random, faults: int, mix: dict[str, int]) -> list[str]:
 
 def run_soak(soak: Soak) -> None:
     soak.start()
-    planned = schedule(soak.rng, soak.args.faults, SLURM_FAULTS if soak.args.executor == "slurm" else FAULTS)
+    mix = POSTGRES_FAULTS if soak.postgres is not None else SLURM_FAULTS if soak.args.executor == "slurm" else FAULTS
+    planned = schedule(soak.rng, soak.args.faults, mix)
     soak.wait_for_progress(0)  # the first epoch: the study and its workers are up
     since = soak.progress()
     for number, fault in enumerate(planned, start=1):
@@ -263,7 +319,7 @@ def run_soak(soak: Soak) -> None:
 def verify(soak: Soak) -> list[str]:
     """The soak's checks; returns the ones that failed."""
     problems = list(soak.unexpected)
-    if soak.journal.exists() and check_journal(soak.journal).corrupt_line is not None:
+    if soak.postgres is None and soak.journal.exists() and check_journal(soak.journal).corrupt_line is not None:
         problems.append(check_journal(soak.journal).describe())
     study = soak.study()
     if study is None:
@@ -272,6 +328,10 @@ def verify(soak: Soak) -> list[str]:
     counts = count_trials(study)
     if counts.finished != soak.args.trials or counts.failed:
         problems.append(f"total: {counts.finished} finished ({counts.failed} failed for good), wanted {soak.args.trials}")
+        retried = retried_numbers(trials)
+        problems += [f"trial {t.number} failed for good: "
+                     f"{t.system_attrs.get('fail_reason') or t.system_attrs.get(LOST_ATTR)}"
+                     for t in trials if t.state == optuna.trial.TrialState.FAIL and t.number not in retried]
     left = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     if left:
         problems.append(f"trials left running or waiting: {left}")
@@ -321,6 +381,7 @@ def verify(soak: Soak) -> list[str]:
         "epochs_needed": sum(len(RunFolder(t.user_attrs[RUN_DIR_ATTR]).epoch_rows()) for t in complete),
         "epochs_retrained": retrained, "torn_tails_cut": torn_cut,
         "finished_records_checked": len(soak.seen_finished), "lost": len(problems),
+        "outage_seconds": [round(s, 1) for s in soak.outage_seconds],
     }
     return problems
 
@@ -334,18 +395,27 @@ def main() -> int:
     parser.add_argument("--executor", choices=("local", "slurm"), default="local",
                         help="slurm: trials as jobs of the cluster SLURM_CONF names (adds requeue-job faults)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds the last run may take")
+    parser.add_argument("--storage", choices=("journal", "postgres"), default="journal",
+                        help="postgres: the study in a throw-away PostgreSQL server, with storage faults")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="clipse-chaos-") as scratch:
         workdir = args.keep or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         soak = Soak(workdir, args, random.Random(args.seed))
+        if args.storage == "postgres":
+            soak.postgres = ThrowawayPostgres.create()
+            if soak.postgres is None:
+                raise SystemExit("--storage postgres needs root and Debian's postgresql (apt install postgresql)")
+            soak.postgres.sql("CREATE DATABASE chaos")
         started = time.perf_counter()
         try:
             run_soak(soak)
             problems = verify(soak)
         finally:
             soak.cleanup()
+            if soak.postgres is not None:
+                soak.postgres.close()
         summary = soak.summary
         print(json.dumps({**summary, "seconds": round(time.perf_counter() - started, 1)}))
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["by_kind"].items()))
@@ -353,7 +423,9 @@ def main() -> int:
               f"reached {summary['complete']}/{args.trials} complete with {summary['retries']} retries; "
               f"{summary['finished_records_checked']} finished records checked, {len(problems)} lost or wrong; "
               f"of the {summary['epochs_needed']} epochs the completed trials needed, {summary['epochs_retrained']} "
-              f"reported before a fault were trained again; {summary['torn_tails_cut']} torn journal tails cut")
+              f"reported before a fault were trained again; {summary['torn_tails_cut']} torn journal tails cut"
+              + (f"; storage outages of {', '.join(f'{s:.0f}' for s in summary['outage_seconds'])} s"
+                 if summary["outage_seconds"] else ""))
         for problem in problems:
             print(f"FAILED: {problem}")
         return 1 if problems else 0

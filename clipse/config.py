@@ -43,7 +43,7 @@ from clipse.util.paths import ADHOC_RUNS_DIR, DEFAULT_STUDIES_DIR, registry_file
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
-SELECT_METRICS = ("val_r1_mean", "val_i2t_r1", "val_t2i_r1", "val_rsum")
+SELECT_METRICS = ("val_r1_mean", "val_i2t_r1", "val_t2i_r1", "val_rsum", "val_zs_top1")
 # Checks of settings whose meaning lives in a higher layer (the trackers check --report-to): each
 # registers itself when imported, since this module cannot import them (``TrainConfig.validate``).
 SETTING_CHECKS: list[Callable[["TrainConfig"], list[str]]] = []
@@ -124,6 +124,13 @@ class TrainConfig:
     log_every: int = setting(10, "steps between rows of training.csv (and the only steps that wait for the "
                                  "device: statistics are summed there in between)")
     eval_test: bool = setting(False, "after training, evaluate the best checkpoint on the test split")
+    zeroshot: str = setting("auto", "zero-shot classification set that measures what fine-tuning forgets: a folder per "
+                                    "class, a filepath,label CSV, shapes (generated from the pretraining domain), none; "
+                                    "auto: shapes on the synthetic data, else none", group="data")
+    zeroshot_templates: str | None = setting(None, "file of prompt templates for --zeroshot, one per line with {} for "
+                                                   "the class name", shown_default="a built-in set of 5", group="data")
+    zeroshot_every: int = setting(1, "epochs between zero-shot evaluations (0: only before training and on the test "
+                                     "checkpoint)")
     run_dir: str | None = setting(None, "run folder", shown_default=f"{ADHOC_RUNS_DIR}/<run id>")
     registry: str = setting(str(registry_file(DEFAULT_STUDIES_DIR)), "CSV that gets one row per finished run")
     study: str = setting("", "study this run belongs to (for the registry)")
@@ -175,6 +182,13 @@ class TrainConfig:
         """The configured loss, with its parameters."""
         return LOSSES[self.loss].from_settings(self.loss_params)
 
+    @property
+    def zeroshot_source(self) -> str | None:
+        """The zero-shot set to measure, or None (``auto``: shapes on the synthetic data)."""
+        if self.zeroshot == "auto":
+            return "shapes" if self.data == "shapes" else None
+        return None if self.zeroshot.lower() == "none" else self.zeroshot
+
     def validate(self) -> "TrainConfig":
         """Raise ``UserError`` for settings that cannot train; return self."""
         problems = []
@@ -183,6 +197,7 @@ class TrainConfig:
         else:
             problems += self.loss_function().problems()
         for name, low in (("epochs", 1), ("batch_size", 2), ("log_every", 1), ("shapes_train_images", 2),
+                          ("zeroshot_every", 0),
                           ("shapes_val_images", 1), ("shapes_test_images", 1), ("nproc", 1), ("micro_batch", 0)):
             if getattr(self, name) < low:
                 problems.append(f"{name}={getattr(self, name)}: needs at least {low}")
@@ -194,6 +209,8 @@ class TrainConfig:
             problems.append(f"batch_size={self.batch_size}: needs at least one pair per process (nproc={self.nproc})")
         if self.init_temperature <= 0:
             problems.append(f"init_temperature={self.init_temperature}: must be positive")
+        if self.select_metric == "val_zs_top1" and self.zeroshot_source is None:
+            problems.append("select_metric=val_zs_top1 needs a zero-shot set (--zeroshot)")
         if self.caption_noise > 1:
             problems.append(f"caption_noise={self.caption_noise}: a share, at most 1")
         if not 0 <= self.ema_decay < 1:

@@ -1,4 +1,5 @@
-"""Retrieval evaluation of a checkpoint (``docs/reference/metrics.md``), and the public ``retrieval_metrics`` API.
+"""Retrieval evaluation of a checkpoint (``docs/reference/metrics.md``), with its zero-shot
+accuracy where the run measures one (``--zeroshot``), and the public ``retrieval_metrics`` API.
 
     python -m clipse.eval_retrieval --checkpoint studies/adhoc/runs/<run>/best.pt --split test
 
@@ -21,12 +22,14 @@ from clipse.evaluation.metrics import (
     metrics_table,
     retrieval_metrics,
 )
+from clipse.evaluation.zeroshot import ZEROSHOT_KEYS, evaluate_zeroshot
 from clipse.training.assembly import (
     autocast_for,
     dataset_for,
     model_for,
     resolve_device,
     split_tensors,
+    zeroshot_for,
 )
 from clipse.util.checkpoints import read_checkpoint
 from clipse.util.errors import UserError, cli_main, configure_logging
@@ -59,10 +62,14 @@ def evaluate_checkpoint(path: Path, split: str, overrides: dict) -> tuple[dict[s
     loaded = model_for(config)
     dataset = dataset_for(config)
     tensors = split_tensors(dataset, split, loaded)
-    metrics, _ = evaluate_split(loaded.model.to(device), tensors, ImageNormalizer(loaded.mean, loaded.std, device),
-                                autocast_for(device))
+    zeroshot = zeroshot_for(config, loaded)
+    model, normalize, autocast = loaded.model.to(device), ImageNormalizer(loaded.mean, loaded.std, device), \
+        autocast_for(device)
+    metrics, _ = evaluate_split(model, tensors, normalize, autocast)
+    if zeroshot is not None:
+        metrics.update(evaluate_zeroshot(model, zeroshot, normalize, autocast))
     about = {"checkpoint": str(path), "split": split, "dataset": dataset.name, "model": config.model,
-             "images": len(tensors.images), "captions": len(tensors.tokens)}
+             "images": len(tensors.images), "captions": len(tensors.tokens), "zeroshot": config.zeroshot_source}
     return metrics, about
 
 
@@ -84,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     metrics, about = evaluate_checkpoint(args.checkpoint, args.split, config_overrides(args))
     if args.json:
-        print(json.dumps({key: metrics[key] for key in METRIC_KEYS + TIE_KEYS}))
+        print(json.dumps({key: metrics[key] for key in METRIC_KEYS + TIE_KEYS + ZEROSHOT_KEYS if key in metrics}))
     else:
         print(f"{about['split']} split of {about['dataset']}: {about['images']} images, {about['captions']} captions; "
               f"model {about['model']} from {about['checkpoint']}")
         print(metrics_table(metrics))
+        if "zs_top1" in metrics:
+            print(f"zero-shot classification ({about['zeroshot']}): top-1 {metrics['zs_top1']:.4f}  "
+                  f"top-5 {metrics['zs_top5']:.4f}")
     return 0
 
 

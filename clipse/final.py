@@ -8,7 +8,8 @@ Takes the study's best configuration(s), trains each with several seeds and the 
 trains the InfoNCE baseline with the same seeds and budget, evaluates every run's best
 validation checkpoint on the test split, and writes to ``studies/<study>/final/``:
 ``runs.csv``, ``summary.csv``, ``summary.md`` (mean ± std, difference to the baseline with a
-95% paired-bootstrap interval), ``dynamics.png``, ``test_metrics.png`` and the search's figures
+95% paired-bootstrap interval, zero-shot retention), ``dynamics.png``, ``test_metrics.png``, the
+WiSE-FT table and frontier (``wiseft.*``, ``clipse.report.wiseft``) and the search's figures
 (``clipse.report.search_plots``). For a study of several objectives, the configurations come from
 its Pareto front.
 
@@ -41,6 +42,7 @@ from clipse.executors import ExecutorOptions
 from clipse.report.comparison import summary_verdicts
 from clipse.report.search_plots import plot_search
 from clipse.report.summary import RunRecord, write_report
+from clipse.report.wiseft import DEFAULT_ALPHAS, parse_alphas, write_wiseft
 from clipse.runs.plots import plot_runs
 from clipse.search.best import best_trials, describe_values, find_study, open_study
 from clipse.search.outages import announce_outages
@@ -72,6 +74,8 @@ class FinalOptions:
     epochs: int | None = setting(None, "epoch budget of every run", shown_default="the study's")
     baseline_study: str = setting("baseline", "study whose best trial is the baseline, when it exists")
     resamples: int = setting(2000, "bootstrap resamples")
+    wiseft_alphas: str = setting(DEFAULT_ALPHAS, "WiSE-FT: mix every run's starting and fine-tuned weights at these "
+                                 "alphas (0: start, 1: fine-tuned) and evaluate each mix; none: skip")
     execution: ExecutorOptions = setting(default_factory=ExecutorOptions, nested=True)
     # experiment trackers of the runs (report_to, mlflow_uri, mlflow_experiment; docs/reference/trackers.md)
     tracking: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +141,7 @@ def run_final(options: FinalOptions) -> FinalResult:
     """Plan, train (reusing finished runs) and report; see the module docstring. Progress goes
     to stderr. Ctrl-C stops the runs and returns a result with ``interrupted`` set."""
     check_at_least(options, 1, "top_k", "seeds", "resamples")
+    parse_alphas(options.wiseft_alphas)
     announce_outages()
     with secure_storage(options.storage) if options.storage else contextlib.nullcontext() as storage:
         return _final(options, storage)
@@ -156,6 +161,11 @@ def _final(options: FinalOptions, storage: str | None) -> FinalResult:
 
     records = [RunRecord(r.folder.path, r.label, r.seed) for r in runs]
     files = write_report(records, BASELINE_LABEL, folder.final, intro, options.resamples)
+    wiseft = write_wiseft(records, BASELINE_LABEL, folder.final, parse_alphas(options.wiseft_alphas))
+    if wiseft:
+        with open(files["summary_md"], "a") as summary_md:
+            summary_md.write("\n" + wiseft["wiseft_md"].read_text())
+    files.update(wiseft)
     files["dynamics"] = plot_runs([(r.folder.path, r.label) for r in runs], folder.final / "dynamics.png",
                                   title=f"final runs of '{options.study}'")
     files.update(plot_search(study, folder.final))

@@ -6,6 +6,7 @@ embedded default; a torchrun launch makes every rank but 0 serve rank 0.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from clipse.config import (
@@ -65,6 +66,10 @@ def format_summary(result: TrainResult, select_key: str) -> str:
     if result.test_metrics:
         shown = METRIC_KEYS + (MP_METRIC_KEYS if "test_mp_i2t_r1" in result.test_metrics else ())
         lines.append("test (best checkpoint): " + "  ".join(f"{k} {result.test_metrics[f'test_{k}']:.4f}" for k in shown))
+    if result.start_metrics:
+        after = (result.test_metrics or {}).get("test_zs_top1", result.best_metrics.get("val_zs_top1", math.nan))
+        lines.append(f"zero-shot top-1: {result.start_metrics['zs_top1']:.4f} before fine-tuning, {after:.4f} at the "
+                     f"best checkpoint ({100 * (after - result.start_metrics['zs_top1']):+.1f} points)")
     lines.append(f"outputs: {result.run_dir}")
     return "\n".join(lines)
 

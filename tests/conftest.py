@@ -128,55 +128,27 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throw-away PostgreSQL server (Debian's binaries, run as user postgres: it refuses root),
-    on a free port; stopped at the end. User postgres connects without a password; every other
-    role must give its password (scram-sha-256). Yields (port, a function running SQL as postgres),
-    which also has ``stop(fast=True)`` and ``start()`` for outages."""
-    import glob
-    import shutil
-    import socket
-    import subprocess
-    import tempfile
+    """A throw-away PostgreSQL server (``scripts/postgres_server.py``), stopped at the end. Yields
+    (port, a function running SQL as postgres), which also has ``stop(fast=True)`` and ``start()``
+    for outages."""
+    import sys
 
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    if not bins or os.geteuid() != 0 or not shutil.which("runuser"):
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    from postgres_server import ThrowawayPostgres
+
+    server = ThrowawayPostgres.create()
+    if server is None:
         skip_or_fail("PostgreSQL", "server binaries not installed, or not root (apt install postgresql)")
-    bin_dir = bins[-1]
-    folder = tempfile.mkdtemp(prefix="clipse-pg-", dir="/tmp")
-    shutil.chown(folder, "postgres", "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, f"{bin_dir}/initdb", "-D", f"{folder}/data", "--auth=trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    Path(f"{folder}/data/pg_hba.conf").write_text(
-        "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
-    def start() -> None:
-        subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-l", f"{folder}/log", "-w", "-o",
-                        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True,
-                       capture_output=True)
-
-    def stop(fast: bool = True) -> None:
-        subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-m", "fast" if fast else "smart",
-                        "-w", "stop"], check=True, capture_output=True)
-
-    def sql(statement: str, database: str = "postgres") -> None:
-        subprocess.run([*as_postgres, f"{bin_dir}/psql", "-h", "127.0.0.1", "-p", str(port), "-d", database,
-                        "-v", "ON_ERROR_STOP=1", "-c", statement], check=True, capture_output=True)
 
     class Server(tuple):
         """(port, sql), with the server's stop and start."""
 
-    server = Server((port, sql))
-    server.stop, server.start = stop, start
-    start()
+    handle = Server((server.port, server.sql))
+    handle.stop, handle.start = server.stop, server.start
     try:
-        yield server
+        yield handle
     finally:
-        subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        server.close()
 
 
 @pytest.fixture(scope="session")

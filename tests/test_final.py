@@ -30,7 +30,9 @@ TINY = ["--pretrained", "none", "--shapes-train-images", "48", "--shapes-val-ima
 SEARCH_FIGURES = {"search_history": "search_history.png", "param_importances": "param_importances.png",
                   "intermediate_values": "intermediate_values.png", "timeline": "timeline.png",
                   "sanw_slice": "sanw_slice.png"}
-FILES = ["runs.csv", "summary.csv", "summary.md", "dynamics.png", "test_metrics.png", *SEARCH_FIGURES.values()]
+WISEFT_FILES = {"wiseft_csv": "wiseft.csv", "wiseft_md": "wiseft.md", "wiseft_plot": "wiseft.png"}
+FILES = ["runs.csv", "summary.csv", "summary.md", "dynamics.png", "test_metrics.png", *SEARCH_FIGURES.values(),
+         *WISEFT_FILES.values()]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_run_final_returns_the_report(report):
     assert result.report_dir == final and not result.interrupted
     assert {name: path.name for name, path in result.files.items()} == {
         "runs": "runs.csv", "summary_csv": "summary.csv", "summary_md": "summary.md",
-        "test_metrics": "test_metrics.png", "dynamics": "dynamics.png", **SEARCH_FIGURES}
+        "test_metrics": "test_metrics.png", "dynamics": "dynamics.png", **SEARCH_FIGURES, **WISEFT_FILES}
     summary = pd.read_csv(final / "summary.csv")
     assert len(result.summary) == len(summary)
     values = sorted(((row["value"], row["trial"]) for row in search.top), reverse=True)
@@ -209,7 +211,8 @@ def test_the_baseline_is_the_best_trial_of_the_baseline_study(tmp_path, monkeypa
     training = {"pretrained": "none", "shapes_train_images": 48, "shapes_val_images": 12, "shapes_test_images": 12, "batch_size": 16,
                 "epochs": 1, "data_root": str(tmp_path / "shapes")}
     for space in ("baseline", "debias"):
-        run_search(SearchOptions(space=space, trials=3, pruner="none", seed=2, studies_dir=studies, training=training))
+        run_search(SearchOptions(space=space, trials=3, pruner="none", seed=2, studies_dir=studies, training=training,
+                                 min_weight_std=0.0))  # tiny runs barely reweight
     best, *others = sorted(load_study(tmp_path, "baseline").get_trials(), key=lambda t: t.value, reverse=True)
     assert best.value > others[-1].value and best.params["lr"] != others[-1].params["lr"]
     result = run_final(FinalOptions(study="debias", seeds=1, resamples=50, studies_dir=studies))
@@ -219,3 +222,20 @@ def test_the_baseline_is_the_best_trial_of_the_baseline_study(tmp_path, monkeypa
     settings = json.loads(baseline_run["params"])
     assert baseline_run["loss"] == "infonce" and settings["lr"] == best.params["lr"]
     assert settings["epochs"] == 1 and settings["shapes_train_images"] == 48  # this study's data and budget
+
+
+@pytest.mark.slow
+def test_wiseft_runs_from_each_start_to_each_test_checkpoint(report):
+    _, final, _, _ = report
+    runs = pd.read_csv(final / "runs.csv").set_index(["label", "seed"])
+    wiseft = pd.read_csv(final / "wiseft.csv")
+    assert sorted(set(wiseft["alpha"])) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    ends = wiseft[wiseft["alpha"] == 1.0].set_index(["label", "seed"])
+    starts = wiseft[wiseft["alpha"] == 0.0].set_index(["label", "seed"])
+    assert set(ends.index) == set(runs.index)
+    for key in ("r1_mean", "i2t_r1", "t2i_mr", "zs_top1"):
+        assert (ends[key] == runs.loc[ends.index, f"test_{key}"]).all(), key
+    assert (starts["zs_top1"] == runs.loc[starts.index, "start_zs_top1"]).all()
+    summary = (final / "summary.md").read_text()
+    assert "## WiSE-FT" in summary and "zs change" in summary
+    assert any(line.startswith("- `trial-") and "frontier" in line for line in summary.splitlines())

@@ -20,6 +20,7 @@ from clipse.config import TrainConfig
 from clipse.data.sampling import TopicalBatchSampler
 from clipse.eval_retrieval import evaluate_checkpoint
 from clipse.evaluation.metrics import METRIC_KEYS, MP_METRIC_KEYS, TIE_KEYS
+from clipse.evaluation.zeroshot import ZEROSHOT_KEYS
 from clipse.runs.folder import RunFolder
 from clipse.train import main as train_main
 from clipse.training import trainer as train_module
@@ -247,7 +248,8 @@ def test_eval_test_writes_ranks(tiny):
     config = tiny(eval_test=True)
     result = train(config)
     # the generated data knows its true matches: the multi-positive recalls come too
-    assert set(result.test_metrics) == {f"test_{k}" for k in METRIC_KEYS + TIE_KEYS + MP_METRIC_KEYS}
+    # and the zero-shot accuracy of the synthetic data's set (on by default there)
+    assert set(result.test_metrics) == {f"test_{k}" for k in METRIC_KEYS + TIE_KEYS + MP_METRIC_KEYS + ZEROSHOT_KEYS}
     assert (Path(config.run_dir) / "test_ranks.npz").is_file()
 
 

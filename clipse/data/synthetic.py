@@ -251,3 +251,18 @@ def _shapes_truth(split: CaptionSplit, seed: int, fn_level: str, domain: str) ->
                             "--data-root)")
         required.append(facts)
     return CaptionTruth.from_facts([scene.facts for scene in scenes], required)
+
+
+def labelled_image(index: int, seed: int, domain: str = "pretraining") -> tuple[Image.Image, str]:
+    """One single-shape scene of ``domain`` and its class, the shape's colour and kind ("red
+    circle"): the zero-shot classification set of the synthetic data."""
+    rng = np.random.default_rng([seed, index, 31])
+    drawn = DOMAINS[domain]
+    background = drawn.backgrounds[rng.integers(len(drawn.backgrounds))]
+    cell = int(rng.integers(9))
+    shape = _Shape(kind=SHAPES[rng.integers(len(SHAPES))], colour=drawn.colours[rng.integers(len(drawn.colours))],
+                   size=list(SIZES)[rng.integers(len(SIZES))], row=cell // 3, column=cell % 3)
+    image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[background])
+    _paint(ImageDraw.Draw(image), shape.kind, _place(shape, rng))
+    return image, f"{shape.colour} {shape.kind}"
+

@@ -27,21 +27,27 @@ class ImageNormalizer:
 
 
 @torch.no_grad()
-def encode_split(model: torch.nn.Module, tensors: SplitTensors, normalize: ImageNormalizer,
+def encode_pairs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, normalize: ImageNormalizer,
                  autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image once and every caption once; L2-normalised float32 embeddings on the CPU."""
+    """Every image once and every token row once; L2-normalised float32 embeddings on the CPU."""
     was_training = model.training
     model.eval()
-    images, texts = [], []
+    image_emb, text_emb = [], []
     with autocast():
-        for start in range(0, len(tensors.images), ENCODE_BATCH):
-            batch = normalize(tensors.images[start:start + ENCODE_BATCH])
-            images.append(model.encode_image(batch, normalize=True).float().cpu())
-        for start in range(0, len(tensors.tokens), ENCODE_BATCH):
-            batch = tensors.tokens[start:start + ENCODE_BATCH].to(normalize.device)
-            texts.append(model.encode_text(batch, normalize=True).float().cpu())
+        for start in range(0, len(images), ENCODE_BATCH):
+            batch = normalize(images[start:start + ENCODE_BATCH])
+            image_emb.append(model.encode_image(batch, normalize=True).float().cpu())
+        for start in range(0, len(tokens), ENCODE_BATCH):
+            batch = tokens[start:start + ENCODE_BATCH].to(normalize.device)
+            text_emb.append(model.encode_text(batch, normalize=True).float().cpu())
     model.train(was_training)
-    return torch.cat(images), torch.cat(texts)
+    return torch.cat(image_emb), torch.cat(text_emb)
+
+
+def encode_split(model: torch.nn.Module, tensors: SplitTensors, normalize: ImageNormalizer,
+                 autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of the split once and every caption once."""
+    return encode_pairs(model, tensors.images, tensors.tokens, normalize, autocast)
 
 
 def evaluate_split(model, tensors: SplitTensors, normalize: ImageNormalizer,

@@ -20,18 +20,9 @@ from clipse.losses.base import (
     register_loss,
 )
 from clipse.losses.dcl import debiased_direction
+from clipse.losses.hn_nce import exponential_weights
 from clipse.losses.sanw import affinity_of, weight_stats
 from clipse.losses.weighted import clamp_scale
-
-
-def hardness_weights(logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """``exp(β l_ij)`` normalised to mean 1 over each row's negatives (diagonal 1)."""
-    batch = logits.shape[0]
-    eye = torch.eye(batch, dtype=torch.bool, device=logits.device)
-    if batch < 2:
-        return torch.ones_like(logits)
-    share = torch.softmax((beta * logits).masked_fill(eye, float("-inf")), dim=1)
-    return (share * (batch - 1)).masked_fill(eye, 1.0)
 
 
 @register_loss
@@ -52,7 +43,7 @@ class HardNegativeContrastive(ContrastiveLoss):
                  reference: Reference | None = None) -> LossResult:
         scale = clamp_scale(scale)
         logits = scale * image_emb @ text_emb.T
-        i2t, t2i = hardness_weights(logits, self.beta), hardness_weights(logits.T, self.beta)
+        i2t, t2i = exponential_weights(logits, self.beta), exponential_weights(logits.T, self.beta)
         loss = (debiased_direction(logits, scale, self.tau_plus, i2t)
                 + debiased_direction(logits.T, scale, self.tau_plus, t2i)) / 2
         aff = affinity_of(image_emb, text_emb, 0.5, reference)
@@ -61,4 +52,4 @@ class HardNegativeContrastive(ContrastiveLoss):
     def negative_weights(self, image_emb: torch.Tensor, text_emb: torch.Tensor, reference: Reference | None = None,
                          scale=1.0) -> torch.Tensor:
         """The image→text direction's hardness weights (text→image has its own, from the transpose)."""
-        return hardness_weights(clamp_scale(scale) * image_emb @ text_emb.T, self.beta).detach()
+        return exponential_weights(clamp_scale(scale) * image_emb @ text_emb.T, self.beta).detach()

@@ -8,9 +8,10 @@ from clipse.models.loading import (
                                    LoadedModel,
                                    cached_pretrained_file,
                                    create_model,
+                                   interpolate_weights,
                                    list_models,
                                    resolve_weights,
 )
 
 __all__ = ["CHECKPOINT_SUFFIXES", "PROJECT_MODELS", "LoadedModel", "cached_pretrained_file", "create_model",
-           "list_models", "resolve_weights"]
+           "interpolate_weights", "list_models", "resolve_weights"]

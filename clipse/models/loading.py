@@ -160,3 +160,15 @@ def create_model(name: str, pretrained: str | None = None, *, init_temperature: 
         image_size=int(image_size), mean=tuple(tag_cfg.get("mean", preprocess["mean"])),
         std=tuple(tag_cfg.get("std", preprocess["std"])), weights=str(weights) if weights else "random init",
     )
+
+
+def interpolate_weights(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT's weight-space ensemble (1 - alpha) * start + alpha * tuned, tensor by tensor.
+    ``torch.lerp`` returns ``start`` itself at alpha 0 and ``tuned`` itself at 1 (bit for bit);
+    tensors that are not floating point (counters, ids) are taken from ``tuned``."""
+    if start.keys() != tuned.keys():
+        missing = sorted(set(start) ^ set(tuned))
+        raise ValueError(f"the two state dicts hold different tensors: {', '.join(missing[:5])}")
+    return {key: torch.lerp(start[key].to(value.dtype), value, alpha) if value.is_floating_point() else value
+            for key, value in ((key, tuned[key]) for key in tuned)}

@@ -68,6 +68,7 @@ def read_runs(records: list[RunRecord]) -> pd.DataFrame:
             "epochs": result.epochs_done, "best_epoch": result.best_epoch,
             **result.test_metrics, **result.best_metrics,
             **{f"train_{k}": v for k, v in result.weight_stats.items()},
+            **{f"start_{k}": v for k, v in result.start_metrics.items()},
             "seconds": round(result.seconds, 1), "rank_rule": folder.test_ranks().rule, "run_dir": str(record.run_dir),
             "params": json.dumps({k: config[k] for k in sorted(config) if k not in ("run_dir", "registry")}),
         })
@@ -95,12 +96,17 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: 
         row["SANW w std"] = f"{weights.mean():.4f}" if weights is not None else ""
         ties = runs.loc[runs["label"] == label, "test_tie_share"] if "test_tie_share" in runs else None
         row["tie share"] = f"{100 * ties.mean():.2f}" if ties is not None and ties.notna().all() else ""
+        row.update(zeroshot_cells(runs[runs["label"] == label]))
         table_rows.append(row)
     lines = [intro, "", "Recalls and mAP@10 in percent (mean ± std over seeds), tie-aware: tied candidates count "
              "in random order; MR in ranks. `SANW w std`: mean spread of the negative weights in the last "
              "training epoch (0 = plain InfoNCE). `tie share`: percent of test queries whose relevant score "
-             "ties exactly with a candidate of different content (a sign of collapse).",
-             "", markdown_table(table_rows, ["configuration", "seeds", *shown, "SANW w std", "tie share"])]
+             "ties exactly with a candidate of different content (a sign of collapse)."
+             + (" `zero-shot`: top-1 accuracy on the zero-shot set of the checkpoint evaluated on test, and its "
+                "change from the starting model (points; forgetting when negative)." if "zero-shot" in table_rows[0]
+                else ""),
+             "", markdown_table(table_rows, ["configuration", "seeds", *shown, "SANW w std", "tie share",
+                                             *(["zero-shot", "zs change"] if "zero-shot" in table_rows[0] else [])])]
     if len(shown) > len(HEADLINE):
         lines += ["", "`mp_*`: multi-positive recalls, where the data knows which captions truly describe which "
                   "images: a hit is any truly describing caption (i2t) or truly described image (t2i)."]
@@ -124,6 +130,17 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline_label: 
         lines.append(markdown_table(diff_rows, ["configuration", *shown, "R@1 mean verdict"]))
         lines += power_markdown(summary, baseline_label)
     return "\n".join(lines) + "\n"
+
+
+def zeroshot_cells(runs: pd.DataFrame) -> dict[str, str]:
+    """A configuration's zero-shot top-1 at its test checkpoints and the change from the start
+    (mean ± std over seeds, percent and points); nothing when its runs measured none."""
+    if not {"test_zs_top1", "start_zs_top1"} <= set(runs) or runs["test_zs_top1"].isna().any():
+        return {}
+    change = 100 * (runs["test_zs_top1"] - runs["start_zs_top1"])
+    spread = runs["test_zs_top1"].std(ddof=1) if len(runs) > 1 else 0.0
+    return {"zero-shot": f"{100 * runs['test_zs_top1'].mean():.2f} ± {100 * spread:.2f}",
+            "zs change": f"{change.mean():+.2f}"}
 
 
 UNIFORM_WEIGHTS = 0.01  # weights that never leave 1 ± this trained as plain InfoNCE

@@ -42,6 +42,7 @@ from clipse.util.paths import ADHOC_RUNS_DIR
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUME_FREE_KEYS = frozenset({"resume", "progress", "threads", "device", "registry", "run_dir", "study", "trial",
                               "eval_test", "log_every", "compile", "grad_checkpointing", "nproc", "micro_batch",
+                              "zeroshot_every",
                               *TRACKING_KEYS})
 
 
@@ -59,6 +60,7 @@ class TrainResult:
     test_metrics: dict[str, float] | None = None
     diverged_step: int | None = None
     seconds: float = 0.0
+    start_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the starting model's zero-shot accuracy
 
     @property
     def finished(self) -> bool:

@@ -46,7 +46,8 @@ def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         raise UserError(f"study '{study.study_name}' has no completed trial yet" if not complete else
                         f"study '{study.study_name}': none of its {len(complete)} completed trials is feasible (their "
-                        "SANW weights spread less than the study's min weight std)")
+                        "SANW weights spread less than the study's min weight std, or they forgot more zero-shot "
+                        "accuracy than its max zero-shot drop)")
     confirmed = confirmed_ranking(study)
     by_number = {t.number: t for t in ranked}
     ranked = [by_number[n] for n in confirmed if n in by_number] + [t for t in ranked if t.number not in confirmed]

@@ -83,9 +83,10 @@ from clipse.util.tables import markdown_table
 
 # Training settings a search may fix for all its trials (the space chooses the rest).
 TRAINING_KEYS = (*DATA_KEYS, *MODEL_KEYS, "epochs", "batch_size", "device", "precision", "nproc", "micro_batch",
-                 "affinity", "ema_decay", "caption_noise")
+                 "affinity", "ema_decay", "caption_noise", "zeroshot_every")
 # Settings stored with a study that a resumed search may only repeat, not change.
-STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed", "min_weight_std", "seeds_per_trial")
+STUDY_KEYS = ("metric", "sampler", "startup_trials", "pruner", "seed", "min_weight_std", "seeds_per_trial",
+              "max_zeroshot_drop")
 MAX_TASK_ERRORS = 3
 
 
@@ -115,6 +116,9 @@ class SearchOptions:
         None, "completed trials whose SANW weights spread less than this in their last epoch (the std of the "
         "negative weights) are infeasible (Optuna's trial constraints): never the best, and TPE, GP and NSGA-II "
         "sample away from them; 0 turns it off", shown_default="the space's min_weight_std, else 0")
+    max_zeroshot_drop: float | None = setting(
+        None, "completed trials whose best checkpoint lost more than this many points of zero-shot top-1 (--zeroshot) "
+        "against the starting model are infeasible, as with --min-weight-std", shown_default="off")
     seeds_per_trial: int | None = setting(
         None, "train every trial with this many seeds (the study's seed and the next ones), epoch by epoch; the "
         "pruner sees each epoch's mean over them and the trial's value is the mean of their best epochs",
@@ -174,7 +178,9 @@ def resolve_settings(options: SearchOptions, existing: StudySettings | None, spa
     if "metric" in given:
         given["metric"] = checked_metrics(given["metric"])
     base = dict(options.training)
-    TrainConfig.from_mapping({**base, **options.tracking}, "training settings").validate()  # before anything is created
+    checked = TrainConfig.from_mapping({**base, **options.tracking}, "training settings").validate()
+    if existing is None:
+        check_zeroshot_use(checked, given.get("metric", default_of_setting("metric")), given.get("max_zeroshot_drop"))
     if existing is None:
         objectives = len(given.get("metric", default_of_setting("metric")).split(","))
         if objectives > 1:
@@ -198,6 +204,21 @@ def resolve_settings(options: SearchOptions, existing: StudySettings | None, spa
         raise UserError(f"study '{name}' was created with other settings: {'; '.join(conflicts)}; "
                         "drop those flags or use a new --study")
     return existing
+
+
+def check_zeroshot_use(config: TrainConfig, metric: str, max_drop: float | None) -> None:
+    """A study that optimises or constrains zero-shot accuracy measures it at every epoch."""
+    users = [f"--metric {metric}"] if "val_zs_top1" in metric.split(",") else []
+    if max_drop is not None:
+        users.append(f"--max-zeroshot-drop {max_drop:g}")
+    if not users:
+        return
+    if config.zeroshot_source is None:
+        raise UserError(f"{users[0]}: needs a zero-shot set (--zeroshot FOLDER_OR_CSV; shapes for the synthetic data)")
+    if config.zeroshot_every != 1:
+        raise UserError(f"{users[0]}: needs zero-shot accuracy at every epoch (--zeroshot-every 1, the default)")
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise UserError(f"--max-zeroshot-drop {max_drop:g}: points of top-1 accuracy, from 0 to 100")
 
 
 def checked_metrics(text: str) -> str:
@@ -351,6 +372,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
           f"in {storage}\nspace {space.name}: {', '.join(space.params)} | {objective} | "
           f"sampler {settings.sampler} (seed {settings.seed}) | pruner {settings.pruner} | "
           + (f"min weight std {settings.min_weight_std:g} | " if settings.min_weight_std else "")
+          + (f"max zero-shot drop {settings.max_zeroshot_drop:g} points | "
+             if settings.max_zeroshot_drop is not None else "")
           + (f"{settings.seeds_per_trial} seeds per trial | " if settings.seeds_per_trial > 1 else "") + "executor "
           f"{options.execution.backend}{workers}" + (f" | {enqueued} trial(s) enqueued" if enqueued else "")
           + f"\nwatch it live: {dashboard_command(storage, folder)}", file=sys.stderr)

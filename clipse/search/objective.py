@@ -38,6 +38,7 @@ from clipse.search.study import (
     OWNER_ATTR,
     RUN_DIR_ATTR,
     WEIGHT_CONSTRAINT,
+    ZEROSHOT_CONSTRAINT,
     Heartbeat,
     StudySettings,
     load_study,
@@ -125,6 +126,12 @@ def objective(trial: optuna.Trial, ref: StudyRef, space: SearchSpace, settings: 
         trial.set_user_attr(key, value if math.isfinite(value) else None)
     if settings.min_weight_std > 0:  # Optuna's constraint: never the best, and TPE, GP, NSGA-II avoid such points
         trial.set_constraint(WEIGHT_CONSTRAINT, settings.weight_shortfall(weight_stats.get("weight_std")))
+    start_metrics = _mean_of([r.start_metrics for r in results])
+    if "zs_top1" in start_metrics:
+        trial.set_user_attr("start_zs_top1", start_metrics["zs_top1"])
+    if settings.max_zeroshot_drop is not None:  # at the checkpoint the trial's value comes from
+        trial.set_constraint(ZEROSHOT_CONSTRAINT, settings.zeroshot_excess(start_metrics.get("zs_top1"),
+                                                                           best_metrics.get("val_zs_top1")))
     for result in results:
         _attach_artifacts(trial, ref, RunFolder(result.run_dir))
     if status == "stopped":

@@ -48,6 +48,7 @@ RETRY_OF_ATTR = "retry_of"           # trial user attr of a retry: the number of
 ATTEMPT_ATTR = "attempt"             # trial user attr: 1 for a first try, 2 for its first retry, ...
 RUN_DIR_ATTR = "run_dir"             # trial user attr: the trial's run folder (a retry resumes it)
 WEIGHT_CONSTRAINT = "weight_std_shortfall"  # trial constraint (Optuna's): set when min_weight_std > 0
+ZEROSHOT_CONSTRAINT = "zeroshot_drop_excess"  # trial constraint: set when max_zeroshot_drop is given
 HEARTBEAT_INTERVAL_S = 10.0
 PRUNERS = ("median", "percentile", "hyperband", "none")
 
@@ -69,6 +70,7 @@ class StudySettings:
     pruner: str = "median"
     min_weight_std: float = 0.0  # completed trials whose SANW weights spread less are infeasible (0: off)
     seeds_per_trial: int = 1     # training seeds of every trial; its value is their mean
+    max_zeroshot_drop: float | None = None  # completed trials that forget more zero-shot top-1 (points) are infeasible
     base: dict[str, Any] = field(default_factory=dict)  # training settings given on the command line
     rank_rule: str = RANK_RULE   # how its values were scored (studies of clipse 0.1 have none: strict ranks)
 
@@ -94,6 +96,14 @@ class StudySettings:
         """The trial's constraint value (``WEIGHT_CONSTRAINT``; feasible when <= 0): how far its
         last-epoch weight spread falls short of ``min_weight_std``. None: logged no weights."""
         return self.min_weight_std - (spread if spread is not None and math.isfinite(spread) else 0.0)
+
+    def zeroshot_excess(self, start_top1: float | None, best_top1: float | None) -> float:
+        """The trial's ``ZEROSHOT_CONSTRAINT`` value (feasible when <= 0): how many points of
+        zero-shot top-1 its checkpoint lost beyond ``max_zeroshot_drop``, against the starting
+        model. A trial that measured none counts as having lost everything."""
+        measured = all(v is not None and math.isfinite(v) for v in (start_top1, best_top1))
+        drop = 100.0 * (start_top1 - best_top1) if measured else 100.0
+        return drop - self.max_zeroshot_drop
 
     def build_pruner(self) -> optuna.pruners.BasePruner:
         if self.pruner == "median":

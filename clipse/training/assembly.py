@@ -16,6 +16,8 @@ from clipse.data import (
     load_caption_dataset,
     load_split_tensors,
 )
+from clipse.data.zeroshot import ZeroShotSet, load_zeroshot_set
+from clipse.evaluation.zeroshot import ZeroShotTensors, zeroshot_tensors
 from clipse.models import LoadedModel, create_model
 from clipse.training.embedded import built_file, is_embedded
 from clipse.util.errors import UserError
@@ -88,3 +90,15 @@ def model_for(config: TrainConfig) -> LoadedModel:
 def split_tensors(dataset: CaptionDataset, split: str, loaded: LoadedModel) -> SplitTensors:
     return load_split_tensors(dataset.split(split), split, loaded.image_size, loaded.tokenizer,
                               loaded.tokenizer_id, dataset.truth(split))
+
+
+def zeroshot_set_for(config: TrainConfig) -> ZeroShotSet | None:
+    """The zero-shot set ``--zeroshot`` names (None: none), read and checked: a bad folder, CSV
+    or templates file is one line before anything is written."""
+    source = config.zeroshot_source
+    return None if source is None else load_zeroshot_set(source, config.zeroshot_templates)
+
+
+def zeroshot_for(config: TrainConfig, loaded: LoadedModel) -> ZeroShotTensors | None:
+    chosen = zeroshot_set_for(config)
+    return None if chosen is None else zeroshot_tensors(chosen, loaded)

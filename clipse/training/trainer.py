@@ -29,6 +29,7 @@ from tqdm import tqdm
 from clipse.config import TrainConfig
 from clipse.data.sampling import TopicalBatchSampler, fold_short_tail, random_batches
 from clipse.evaluation.encoding import ImageNormalizer, evaluate_split
+from clipse.evaluation.zeroshot import ZEROSHOT_KEYS, evaluate_zeroshot
 from clipse.losses import MAX_LOGIT_SCALE, STRENGTH_COLUMN, clamp_scale
 from clipse.runs import registry
 from clipse.runs.folder import RunFolder, TrainResult, default_run_dir
@@ -43,6 +44,8 @@ from clipse.training.assembly import (
     resolve_device,
     split_tensors,
     wants_cuda,
+    zeroshot_for,
+    zeroshot_set_for,
 )
 from clipse.training.batches import TrainingBatches
 from clipse.training.distributed import Ranks, run_ranks
@@ -105,6 +108,13 @@ def warmup_fraction(config: TrainConfig, epoch_progress: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def zeroshot_due(config: TrainConfig, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (1-based) measures zero-shot accuracy: every ``--zeroshot-every``
+    epochs and the last one, and every epoch when it picks the checkpoint."""
+    every = config.zeroshot_every
+    return config.select_metric == "val_zs_top1" or epoch == config.epochs or (every > 0 and epoch % every == 0)
+
+
 def build_embedded_model(config: TrainConfig) -> None:
     """Build the embedded pretrained model ``config`` starts from, if it does and it is missing
     (``clipse.training.embedded``): once, before any run or worker needs it."""
@@ -119,6 +129,7 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = ()) -> TrainResul
     config.validate()
     autocast_dtype(resolve_device(config.device), config.precision)  # one line before anything is written
     build_embedded_model(config)
+    zeroshot_set_for(config)  # a bad zero-shot set is one line before the run folder exists
     started = time.perf_counter()
     folder = RunFolder(config.run_dir or default_run_dir())
     finished = folder.start(config)
@@ -174,6 +185,11 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     train_data = split_tensors(dataset, "train", loaded).with_shuffled_captions(config.caption_noise, config.seed)
     val_data = split_tensors(dataset, "val", loaded) if ranks.main else None  # rank 0 evaluates
     normalize = ImageNormalizer(loaded.mean, loaded.std, device)
+    state = folder.load_last(device) if config.resume else None
+    zeroshot = zeroshot_for(config, loaded) if ranks.main else None
+    start_metrics = dict(state.get("start_metrics") or {}) if state is not None else {}
+    if zeroshot is not None and not start_metrics:  # what the starting model knew, measured once per run
+        start_metrics = evaluate_zeroshot(model, zeroshot, normalize, autocast)
     loss_function = config.loss_function()
     loss_function.prepare_model(model)
     source = affinity_source(config.affinity if loss_function.uses_affinity else "online", model, train_data,
@@ -200,7 +216,6 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
 
     start_epoch, global_step, prior_seconds = 0, 0, 0.0
     best_value, best_epoch, best_metrics, last_metrics, weight_means = -math.inf, 0, {}, {}, {}
-    state = folder.load_last(device) if config.resume else None
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -296,6 +311,9 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
 
         train_seconds = time.perf_counter() - epoch_started
         metrics, _ = evaluate_split(model, val_data, normalize, autocast)
+        if zeroshot is not None:  # NaN in the epochs --zeroshot-every skips
+            metrics.update(evaluate_zeroshot(model, zeroshot, normalize, autocast) if zeroshot_due(config, epoch + 1)
+                           else dict.fromkeys(ZEROSHOT_KEYS, math.nan))
         weight_means = {key: float(total) / int(stat_steps[key]) if int(stat_steps[key]) else math.nan
                         for key, total in stat_sums.items()}
         last_metrics = {f"val_{key}": value for key, value in metrics.items()}
@@ -313,7 +331,7 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
             "seconds": prior_seconds + time.perf_counter() - started,
             "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
             "last_metrics": last_metrics, "weight_stats": weight_means, "config": config.to_mapping(),
-            "affinity_source": source.state_dict(),
+            "affinity_source": source.state_dict(), "start_metrics": start_metrics,
             "rows": {"steps": step_rows, "epoch": epoch_row},  # rewritten on resume if the crash beat them
         })
         folder.append_steps(step_rows)  # after the checkpoint: a row announces a saved epoch
@@ -324,7 +342,9 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
         if config.progress:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {epoch_row['train_loss']:.4f}  "
                        f"{select_key} {last_metrics[select_key]:.4f}  (best {best_value:.4f} @ {best_epoch})  "
-                       f"{epoch_row['samples_per_s']:.0f} samples/s  {epoch_row['seconds']:.1f} s", file=sys.stderr)
+                       f"{epoch_row['samples_per_s']:.0f} samples/s  {epoch_row['seconds']:.1f} s"
+                       + (f"  zero-shot top-1 {metrics['zs_top1']:.4f}" if math.isfinite(metrics.get("zs_top1", math.nan))
+                          else ""), file=sys.stderr)
         report = EpochReport(epoch + 1, config.epochs, epoch_metrics, weight_means, folder.path)
         wishes = [callback(report) for callback in callbacks]
         stop = any(bool(w) and not (isinstance(w, str) and w == PAUSE) for w in wishes)  # a pruner may say np.True_
@@ -339,14 +359,16 @@ def train_in_folder(config: TrainConfig, callbacks: list[Callback], folder: RunF
     if config.eval_test and status == "completed" and folder.best_checkpoint.exists():
         test_data = split_tensors(dataset, "test", loaded)
         model.load_state_dict(folder.load_best_weights(device))
-        metrics, ranks = evaluate_split(model, test_data, normalize, autocast)
+        metrics, test_ranks = evaluate_split(model, test_data, normalize, autocast)
+        if zeroshot is not None:
+            metrics.update(evaluate_zeroshot(model, zeroshot, normalize, autocast))
         test_metrics = {f"test_{key}": value for key, value in metrics.items()}
-        folder.save_test_ranks(ranks)
+        folder.save_test_ranks(test_ranks)
     result = TrainResult(
         run_id=folder.run_id(config.study), run_dir=str(folder.path), status=status, epochs_done=epochs_done,
         best_epoch=best_epoch, best_value=best_value, best_metrics=best_metrics, last_metrics=last_metrics,
         weight_stats=weight_means, test_metrics=test_metrics, diverged_step=diverged_step,
-        seconds=prior_seconds + time.perf_counter() - started,
+        seconds=prior_seconds + time.perf_counter() - started, start_metrics=start_metrics,
     )
     if status != "paused":
         folder.save_result(result)
