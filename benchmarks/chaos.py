@@ -330,7 +330,7 @@ def verify(soak: Soak) -> list[str]:
         problems.append(f"total: {counts.finished} finished ({counts.failed} failed for good), wanted {soak.args.trials}")
         retried = retried_numbers(trials)
         problems += [f"trial {t.number} failed for good: "
-                     f"{t.system_attrs.get('fail_reason') or t.system_attrs.get(LOST_ATTR)}"
+                     f"{t.system_attrs.get(LOST_ATTR) or t.user_attrs.get('error') or 'no reason recorded'}"
                      for t in trials if t.state == optuna.trial.TrialState.FAIL and t.number not in retried]
     left = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     if left:

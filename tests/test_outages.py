@@ -21,7 +21,7 @@ from test_search import search_args
 from clipse.runs.folder import RunFolder
 from clipse.search import outages
 from clipse.search.outages import OutageTolerantStorage, is_transient
-from clipse.search.study import count_trials
+from clipse.search.study import RETRY_OF_ATTR, count_trials, retry_lost_trial
 from clipse.util.errors import StorageUnreachable
 
 REFUSED = sql.OperationalError("connect", {}, OSError(errno.ECONNREFUSED, "Connection refused"))
@@ -129,6 +129,41 @@ def test_a_study_runs_through_the_proxy():
     study = optuna.create_study(storage=storage, direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
     assert len(study.get_trials()) == 3 and study.best_value <= 1
+
+
+class LostAcknowledgement(InMemoryStorage):
+    """Its next ``set_trial_state_values`` after ``break_next`` commits, then the connection breaks."""
+
+    def __init__(self):
+        super().__init__()
+        self.break_next = True
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if self.break_next:
+            self.break_next = False
+            raise REFUSED
+        return changed
+
+
+def test_a_finish_whose_commit_beat_the_break_counts_as_done():
+    storage = OutageTolerantStorage(LostAcknowledgement(), "memory", grace_s=30)
+    study = optuna.create_study(storage=storage, direction="maximize")
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    trial = study.ask(x)
+    storage.inner.break_next = True
+    study.tell(trial, 0.5)  # without the check the retry fails: "already finished"
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE and study.best_value == 0.5
+    # the coordinator failing a lost trial over such a break still adds its retry
+    lost = study.ask(x)
+    storage.inner.break_next = True
+    assert retry_lost_trial(study, study.trials[lost.number], "worker gone", max_retries=3)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "WAITING"]
+    assert study.trials[2].user_attrs[RETRY_OF_ATTR] == lost.number
+    # taking a WAITING trial is never guessed: a RUNNING trial found on the retry may be another
+    # worker's, so the call reports that it did not take it (the heartbeats sort it out)
+    storage.inner.break_next = True
+    assert storage.set_trial_state_values(study.trials[2]._trial_id, optuna.trial.TrialState.RUNNING) is False
 
 
 # ---- a real PostgreSQL server stopped during a search --------------------------------------

@@ -19,6 +19,7 @@ from clipse.search.command import main as search_main
 from clipse.search.samplers import SAMPLERS, build_sampler, grid_size, grid_values
 from clipse.search.spaces import Param, SearchSpace, load_space
 from clipse.search.study import (
+    SETTINGS_ATTR,
     WEIGHT_CONSTRAINT,
     StudySettings,
     count_trials,
@@ -407,3 +408,20 @@ def test_a_pruned_trial_of_several_seeds_ends_each_seed_as_a_stopped_run(tiny):
         (Path(result.run_dir) / "result.json").unlink()   # as after a lost worker: paused, not finished
     results, status = train_seeds(again, config, 2, ["val_r1_mean"], reported=frozenset({1}))
     assert [step for step, _ in again.reports] == [2] and all(r.epochs_done == 2 for r in results)
+
+
+def test_a_study_whose_creation_was_cut_short_is_made_again(tmp_path):
+    """Killed (or the storage lost) between creating the study and storing its settings: the
+    next search completes the creation instead of refusing a study without settings."""
+    journal = tmp_path / "studies" / "cut" / "journal.log"
+    journal.parent.mkdir(parents=True)
+    optuna.create_study(study_name="cut", storage=open_storage(str(journal)), direction="maximize")
+    result = run_search(options(tmp_path, "baseline", 1, study="cut", pruner="none"))
+    assert result.counts.complete == 1
+    assert load_study(tmp_path, "cut").user_attrs[SETTINGS_ATTR]["space"] == "baseline"
+    foreign = tmp_path / "studies" / "foreign" / "journal.log"
+    foreign.parent.mkdir(parents=True)
+    plain = optuna.create_study(study_name="foreign", storage=open_storage(str(foreign)), direction="maximize")
+    plain.tell(plain.ask(), 1.0)
+    with pytest.raises(UserError, match="not made by this version of clipse"):
+        run_search(options(tmp_path, "baseline", 1, study="foreign"))

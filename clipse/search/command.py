@@ -60,6 +60,7 @@ from clipse.search.spaces import (
 )
 from clipse.search.study import (
     PRUNERS,
+    SETTINGS_ATTR,
     StudySettings,
     TrialCounts,
     count_trials,
@@ -341,7 +342,10 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
     backend = open_storage(storage, options.storage_grace)
     existing = None
     if name in study_names(backend):
-        existing = stored_settings(optuna.load_study(study_name=name, storage=backend))
+        found = optuna.load_study(study_name=name, storage=backend)
+        if SETTINGS_ATTR in found.user_attrs or found.get_trials(deepcopy=False):
+            existing = stored_settings(found)
+        # else a creation cut short (killed, or the storage lost) before its settings were stored: made again below
     settings = resolve_settings(options, existing, space, name)
     if options.confirm_top and settings.multi_objective:
         raise UserError("--confirm-top: a study of several objectives has a Pareto front, not one best to confirm")

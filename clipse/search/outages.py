@@ -15,7 +15,8 @@ restarted server dropped before they are used; this covers what it cannot: a ser
 Training waits meanwhile (the epoch's report is a storage call), so epoch reports reach the
 storage in order. A call whose transaction committed just before the connection broke would be
 repeated; Optuna's calls are single transactions, so the case needs a break between the commit
-and its acknowledgement.
+and its acknowledgement. Most calls are idempotent (setting an attribute or a step's value
+again); finishing a trial is not, and ``set_trial_state_values`` checks whether it landed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 from sqlalchemy import exc as sql
 
 from clipse.util.errors import StorageUnreachable
@@ -98,6 +100,24 @@ class OutageTolerantStorage(BaseStorage):
     def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
         return ride_out(lambda: getattr(self.inner, method)(*args, **kwargs), self.name, self.grace_s)
 
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        """Finishing a trial, retried: when the connection broke after the first attempt's commit,
+        the retry finds the trial already in that state with those values, and that attempt
+        counts as the one that landed (repeating it would fail as "already finished", and a
+        sweeper would then not add the retry of a trial it failed). Only a finishing state:
+        whether a RUNNING trial is this worker's is never guessed."""
+        attempts = []
+
+        def finish() -> bool:
+            if attempts and state.is_finished():
+                trial = self.inner.get_trial(trial_id)
+                if trial.state == state and list(trial.values or []) == list(values or []):
+                    return True
+            attempts.append(time.monotonic())
+            return self.inner.set_trial_state_values(trial_id, state, values)
+
+        return ride_out(finish, self.name, self.grace_s)
+
 
 def ride_out(call: Callable[[], Any], name: str, grace_s: float) -> Any:
     """``call()``, retried with backoff while it fails because the storage ``name`` cannot be
@@ -153,9 +173,6 @@ def recent_outage_s(name: str, within_s: float) -> float:
     ended, lasted = _LAST_OUTAGE.get(name, (float("-inf"), 0.0))
     return lasted if time.monotonic() - ended < within_s else 0.0
 
-    def __getattr__(self, name: str) -> Any:  # anything else of the inner storage (e.g. a journal's backend)
-        return getattr(self.inner, name)
-
 
 def _forwarding(method: str) -> Callable:
     def call(self, *args, **kwargs):
@@ -172,6 +189,6 @@ for _method in ("check_trial_is_updatable", "create_new_study", "create_new_tria
                 "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
                 "get_trial_params", "get_trial_system_attrs", "get_trial_user_attrs", "remove_session",
                 "set_study_system_attr", "set_study_user_attr", "set_trial_intermediate_value", "set_trial_param",
-                "set_trial_state_values", "set_trial_system_attr", "set_trial_user_attr"):
+                "set_trial_system_attr", "set_trial_user_attr"):
     setattr(OutageTolerantStorage, _method, _forwarding(_method))
 OutageTolerantStorage.__abstractmethods__ = frozenset()  # every abstract method forwards (set just above)
