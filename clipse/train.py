@@ -68,8 +68,9 @@ def format_summary(result: TrainResult, select_key: str) -> str:
         lines.append("test (best checkpoint): " + "  ".join(f"{k} {result.test_metrics[f'test_{k}']:.4f}" for k in shown))
     if result.start_metrics:
         after = (result.test_metrics or {}).get("test_zs_top1", result.best_metrics.get("val_zs_top1", math.nan))
-        lines.append(f"zero-shot top-1: {result.start_metrics['zs_top1']:.4f} before fine-tuning, {after:.4f} at the "
-                     f"best checkpoint ({100 * (after - result.start_metrics['zs_top1']):+.1f} points)")
+        lines.append(f"zero-shot top-1: {result.start_metrics['zs_top1']:.4f} before fine-tuning, " + (
+            f"{after:.4f} at the best checkpoint ({100 * (after - result.start_metrics['zs_top1']):+.1f} points)"
+            if math.isfinite(after) else "not measured at the best epoch (--zeroshot-every; --eval-test measures it)"))
     lines.append(f"outputs: {result.run_dir}")
     return "\n".join(lines)
 

@@ -415,10 +415,11 @@ def test_a_study_whose_creation_was_cut_short_is_made_again(tmp_path):
     next search completes the creation instead of refusing a study without settings."""
     journal = tmp_path / "studies" / "cut" / "journal.log"
     journal.parent.mkdir(parents=True)
-    optuna.create_study(study_name="cut", storage=open_storage(str(journal)), direction="maximize")
+    optuna.create_study(study_name="cut", storage=open_storage(str(journal)), directions=["maximize"] * 2)
     result = run_search(options(tmp_path, "baseline", 1, study="cut", pruner="none"))
     assert result.counts.complete == 1
-    assert load_study(tmp_path, "cut").user_attrs[SETTINGS_ATTR]["space"] == "baseline"
+    made = load_study(tmp_path, "cut")
+    assert made.user_attrs[SETTINGS_ATTR]["space"] == "baseline" and len(made.directions) == 1
     foreign = tmp_path / "studies" / "foreign" / "journal.log"
     foreign.parent.mkdir(parents=True)
     plain = optuna.create_study(study_name="foreign", storage=open_storage(str(foreign)), direction="maximize")

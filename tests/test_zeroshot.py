@@ -5,6 +5,7 @@ per-epoch and test measurements, ``--max-zeroshot-drop`` with a planted drop, an
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +100,12 @@ class CollapsedModel(ImageBlindModel):
         return torch.nn.functional.normalize(torch.ones(len(tokens), 8), dim=1)
 
 
+def test_a_collapsed_model_scores_chance_on_unbalanced_classes():
+    """Ties, not the balance of the labels, give chance: 7 of 8 images are of class 0."""
+    scores_tied = zeroshot_metrics(torch.ones(8, 4) / 2, torch.ones(6, 4) / 2, [0] * 7 + [3])
+    assert scores_tied == {"zs_top1": pytest.approx(1 / 6), "zs_top5": pytest.approx(5 / 6)}
+
+
 @pytest.mark.parametrize("model", [ImageBlindModel, CollapsedModel])
 def test_a_model_that_ignores_the_image_scores_chance(model):
     torch.manual_seed(0)
@@ -187,13 +194,20 @@ def test_the_trainer_measures_the_start_every_k_epochs_the_last_and_the_test_che
     assert losses == [r["loss"] for r in read_csv(RunFolder(plain.run_dir).training_csv)]
 
 
-def test_a_resumed_run_keeps_its_start_measurement(tiny):
+def test_a_resumed_run_keeps_its_start_measurement(tiny, monkeypatch):
+    """Measured once, before the first epoch: the resumed run takes it from its checkpoint (a
+    search resumes the seeds of a trial after every epoch) and measures only its epochs."""
+    import clipse.training.trainer as trainer
+
+    calls = []
+    measure = trainer.evaluate_zeroshot
+    monkeypatch.setattr(trainer, "evaluate_zeroshot", lambda *args: calls.append(1) or measure(*args))
     config = tiny(epochs=2)
     paused = train(config, [lambda report: PAUSE])
-    assert paused.status == "paused"
+    assert paused.status == "paused" and len(calls) == 2  # the start and epoch 1
     resumed = train(config.replace(resume=True))
-    assert resumed.status == "completed" and resumed.start_metrics == paused.start_metrics
-    assert RunFolder(config.run_dir).result().start_metrics == paused.start_metrics
+    assert resumed.status == "completed" and len(calls) == 3  # epoch 2 only
+    assert resumed.start_metrics == paused.start_metrics == RunFolder(config.run_dir).result().start_metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +219,9 @@ def test_the_constraint_is_the_drop_in_points_beyond_the_maximum():
     assert settings.zeroshot_excess(0.60, 0.58) == pytest.approx(-3.0)
     assert settings.zeroshot_excess(0.60, 0.40) == pytest.approx(15.0)
     assert settings.zeroshot_excess(0.60, 0.70) == pytest.approx(-15.0)  # gaining is feasible
-    assert settings.zeroshot_excess(0.60, float("nan")) == pytest.approx(95.0)  # measured nothing: infeasible
+    assert settings.zeroshot_excess(0.60, float("nan")) == 100.0  # measured nothing: infeasible
+    assert StudySettings(space="s", space_digest="", space_definition={}, max_zeroshot_drop=100.0).zeroshot_excess(
+        None, 0.5) > 0
 
 
 @pytest.mark.slow
@@ -233,7 +249,8 @@ def test_zeroshot_in_a_search_needs_a_set_measured_every_epoch(tmp_path):
     base = {"pretrained": "none", "shapes_train_images": 8, "data_root": str(tmp_path / "shapes")}
     cases = [({"zeroshot": "none"}, {"max_zeroshot_drop": 5.0}, "--max-zeroshot-drop 5: needs a zero-shot set"),
              ({"zeroshot_every": 2}, {"metric": "val_r1_mean,val_zs_top1"}, "needs zero-shot accuracy at every epoch"),
-             ({}, {"max_zeroshot_drop": 150.0}, "points of top-1 accuracy, from 0 to 100")]
+             ({}, {"max_zeroshot_drop": 150.0}, "points of top-1 accuracy, from 0 to 100"),
+             ({"zeroshot": str(tmp_path / "nowhere")}, {}, "zero-shot set not found")]
     for training, study, message in cases:
         with pytest.raises(UserError, match=message):
             run_search(SearchOptions(space="baseline", trials=1, studies_dir=tmp_path / "studies",
@@ -265,7 +282,7 @@ def test_interpolated_weights_are_the_mix_and_exact_at_the_ends():
 
 
 @pytest.mark.parametrize("loss", ["infonce", "siglip"])
-def test_wiseft_alpha_0_is_the_start_and_alpha_1_the_fine_tuned_checkpoint(tiny, loss):
+def test_wiseft_alpha_0_is_the_start_and_alpha_1_the_fine_tuned_checkpoint(tiny, loss, monkeypatch):
     config = tiny(epochs=2, eval_test=True, loss=loss, lr=3e-3)
     result = train(config)
     rows = {row["alpha"]: row for row in wiseft_rows(result.run_dir, (0.0, 0.5, 1.0))}
@@ -280,4 +297,18 @@ def test_wiseft_alpha_0_is_the_start_and_alpha_1_the_fine_tuned_checkpoint(tiny,
     assert rows[0.0]["zs_top1"] == result.start_metrics["zs_top1"]
     assert rows[0.5]["r1_mean"] not in (rows[0.0]["r1_mean"], rows[1.0]["r1_mean"]) or \
         rows[0.5]["i2t_mr"] not in (rows[0.0]["i2t_mr"], rows[1.0]["i2t_mr"])  # a mix, not an end
-    assert wiseft_rows(result.run_dir, (0.0, 0.5, 1.0)) == list(rows.values())  # kept and reused
+    with monkeypatch.context() as patched:  # kept and reused: nothing is evaluated again
+        patched.setattr("clipse.report.wiseft.evaluate_split", lambda *args: pytest.fail("evaluated again"))
+        assert wiseft_rows(result.run_dir, (0.0, 0.5, 1.0)) == list(rows.values())
+    Path(result.run_dir, "best.pt").touch()  # a retrained checkpoint: measured again
+    assert wiseft_rows(result.run_dir, (0.0, 0.5, 1.0)) == list(rows.values())
+
+
+def test_two_class_folders_of_one_name_and_hidden_folders(tmp_path):
+    _image(tmp_path / "a" / "red_circle" / "1.png", "red")
+    _image(tmp_path / "a" / "red circle" / "1.png", "red")
+    with pytest.raises(UserError, match="both the class 'red circle'"):
+        load_zeroshot_set(str(tmp_path / "a"))
+    _image(tmp_path / "b" / "red_circle" / "1.png", "red")
+    (tmp_path / "b" / ".ipynb_checkpoints").mkdir()
+    assert load_zeroshot_set(str(tmp_path / "b")).classes == ["red circle"]

@@ -265,4 +265,3 @@ def labelled_image(index: int, seed: int, domain: str = "pretraining") -> tuple[
     image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[background])
     _paint(ImageDraw.Draw(image), shape.kind, _place(shape, rng))
     return image, f"{shape.colour} {shape.kind}"
-

@@ -54,9 +54,13 @@ def read_templates(path: str | Path | None) -> tuple[str, ...]:
 
 
 def read_image_folder(root: Path, templates: tuple[str, ...]) -> ZeroShotSet:
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise UserError(f"{root}: no class folders (expected class_name/*.jpg)")
+    names = [f.name.replace("_", " ") for f in folders]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise UserError(f"{root}: two class folders are both the class '{twice}' ('_' reads as a space)")
     paths, labels = [], []
     for index, folder in enumerate(folders):
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -64,7 +68,7 @@ def read_image_folder(root: Path, templates: tuple[str, ...]) -> ZeroShotSet:
             raise UserError(f"{folder}: class folder has no images")
         paths += images
         labels += [index] * len(images)
-    return ZeroShotSet(str(root), paths, labels, [f.name.replace("_", " ") for f in folders], templates)
+    return ZeroShotSet(str(root), paths, labels, names, templates)
 
 
 def read_label_csv(path: Path, templates: tuple[str, ...]) -> ZeroShotSet:

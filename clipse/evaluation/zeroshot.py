@@ -2,8 +2,8 @@
 a class's embedding is the L2-normalised mean of the L2-normalised text embeddings of its prompts
 (one per template); an image's prediction is the class of highest cosine similarity; top-1 and
 top-5 accuracy are fractions of the images. Ties count as the retrieval metrics' do: a class
-tied with the true one shares its place in random order (a model that ignores the image scores
-chance, not the share of one class).
+tied with the true one shares its place in random order, so a model whose class scores all tie
+scores chance, 1/K, not 100%.
 """
 
 from __future__ import annotations

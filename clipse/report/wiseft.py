@@ -7,7 +7,8 @@ fine-tuned checkpoint, bit for bit (``clipse.models.interpolate_weights``).
 Writes ``wiseft.csv`` (a row per run and alpha), ``wiseft.md`` (per configuration and alpha the
 means over seeds, and the differences to the baseline at the same alpha) and ``wiseft.png`` (the
 frontier: test R@1 mean against zero-shot top-1, one line per configuration from alpha 0 to 1).
-Each run's rows are kept in its folder (``wiseft.csv``) and reused when the alphas are the same.
+Each run's rows are kept in its folder (``wiseft.csv``) and reused when the alphas, the best
+checkpoint (size and time), the device kind and the rank rule are the same.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from clipse.evaluation.encoding import ImageNormalizer, evaluate_split  # noqa: E402
+from clipse.evaluation.metrics import RANK_RULE  # noqa: E402
 from clipse.evaluation.zeroshot import evaluate_zeroshot  # noqa: E402
 from clipse.models import interpolate_weights  # noqa: E402
 from clipse.report.summary import RunRecord  # noqa: E402
@@ -58,25 +60,31 @@ def parse_alphas(text: str) -> tuple[float, ...]:
 @torch.no_grad()
 def wiseft_rows(run_dir: Path, alphas: tuple[float, ...]) -> list[dict]:
     """One finished run's metrics at each alpha (reused from its folder when already measured).
-    Evaluated with the run's precision on this machine's device: on the device it trained on,
-    alpha 1 gives exactly its test metrics."""
+    Evaluated with the run's precision on this machine's device: on the kind of device it
+    trained on, alpha 1 gives exactly its test metrics."""
     folder = RunFolder(run_dir)
-    kept = folder.path / RUN_FILE
-    if kept.exists():
-        table = pd.read_csv(kept)
-        if tuple(table["alpha"]) == alphas:
-            return table.to_dict(orient="records")
     config = folder.saved_config()
     if config is None or not folder.best_checkpoint.exists():
         raise UserError(f"{run_dir}: not a finished run with a best checkpoint")
     device = resolve_device("auto" if config.device == "cuda" else config.device)
+    try:
+        autocast = autocast_for(device, config.precision)
+    except UserError:  # amp_fp16 training evaluated off CUDA: in fp32 (alpha 1 then only near its test metrics)
+        autocast = autocast_for(device, "fp32")
+    stamp = folder.best_checkpoint.stat()
+    key = f"{stamp.st_size}-{stamp.st_mtime_ns}-{device.type}-{RANK_RULE}"  # what the kept rows were made from
+    kept = folder.path / RUN_FILE
+    if kept.exists():
+        table = pd.read_csv(kept)
+        if tuple(table["alpha"]) == alphas and (table.get("made_from") == key).all():
+            return table.drop(columns="made_from").to_dict(orient="records")
     torch.manual_seed(config.seed)  # a run from random init starts from the same draw as it trained from
     loaded = model_for(config)
     config.loss_function().prepare_model(loaded.model)  # parameters a loss adds (SigLIP's bias) are in both
     model = loaded.model.to(device)
     start = {key: value.clone() for key, value in model.state_dict().items()}
     tuned = folder.load_best_weights(device)
-    normalize, autocast = ImageNormalizer(loaded.mean, loaded.std, device), autocast_for(device, config.precision)
+    normalize = ImageNormalizer(loaded.mean, loaded.std, device)
     test = split_tensors(dataset_for(config), "test", loaded)
     zeroshot = zeroshot_for(config, loaded)
     rows = []
@@ -86,7 +94,7 @@ def wiseft_rows(run_dir: Path, alphas: tuple[float, ...]) -> list[dict]:
         if zeroshot is not None:
             metrics.update(evaluate_zeroshot(model, zeroshot, normalize, autocast))
         rows.append({"alpha": alpha, **metrics})
-    atomic_write_text(kept, pd.DataFrame(rows).to_csv(index=False))
+    atomic_write_text(kept, pd.DataFrame(rows).assign(made_from=key).to_csv(index=False))
     return rows
 
 

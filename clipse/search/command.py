@@ -76,6 +76,7 @@ from clipse.search.study import (
 )
 from clipse.trackers.study_record import open_study_record
 from clipse.training import build_embedded_model
+from clipse.training.assembly import zeroshot_set_for
 from clipse.util.errors import UserError, cli_main, configure_logging
 from clipse.util.fields import add_arguments, check_at_least, from_arguments, setting
 from clipse.util.locks import exclusive_lock
@@ -181,8 +182,8 @@ def resolve_settings(options: SearchOptions, existing: StudySettings | None, spa
     base = dict(options.training)
     checked = TrainConfig.from_mapping({**base, **options.tracking}, "training settings").validate()
     if existing is None:
-        check_zeroshot_use(checked, given.get("metric", default_of_setting("metric")), given.get("max_zeroshot_drop"))
-    if existing is None:
+        check_zeroshot_use(TrainConfig.from_mapping(space.fixed, f"space {space.name}", base=checked),
+                           given.get("metric", default_of_setting("metric")), given.get("max_zeroshot_drop"))
         objectives = len(given.get("metric", default_of_setting("metric")).split(","))
         if objectives > 1:
             if given.get("pruner", "none") != "none":
@@ -345,7 +346,8 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
         found = optuna.load_study(study_name=name, storage=backend)
         if SETTINGS_ATTR in found.user_attrs or found.get_trials(deepcopy=False):
             existing = stored_settings(found)
-        # else a creation cut short (killed, or the storage lost) before its settings were stored: made again below
+        else:  # a creation cut short (killed, or the storage lost) before its settings were stored: made anew
+            optuna.delete_study(study_name=name, storage=backend)
     settings = resolve_settings(options, existing, space, name)
     if options.confirm_top and settings.multi_objective:
         raise UserError("--confirm-top: a study of several objectives has a Pareto front, not one best to confirm")
@@ -360,7 +362,9 @@ def _search(options: SearchOptions, space: SearchSpace, name: str, folder: Study
         total = grid_size(space)
         print(f"--sampler grid: the grid has {total} points, so the study has {total} trials", file=sys.stderr)
     # once, here, before any worker needs it (after every check that may refuse the search)
-    build_embedded_model(TrainConfig.from_mapping(space.fixed, f"space {space.name}", base=settings.base_config()))
+    trial_base = TrainConfig.from_mapping(space.fixed, f"space {space.name}", base=settings.base_config())
+    build_embedded_model(trial_base)
+    zeroshot_set_for(trial_base)  # a bad zero-shot set is one line here, not a failure in every trial
     study = create_or_load(name, backend, settings)
     enqueued = enqueue_points(study, points, total, folder.ask_lock)
     record = open_study_record(options.tracking, folder.registry, name, folder.path,

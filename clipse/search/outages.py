@@ -16,7 +16,8 @@ Training waits meanwhile (the epoch's report is a storage call), so epoch report
 storage in order. A call whose transaction committed just before the connection broke would be
 repeated; Optuna's calls are single transactions, so the case needs a break between the commit
 and its acknowledgement. Most calls are idempotent (setting an attribute or a step's value
-again); finishing a trial is not, and ``set_trial_state_values`` checks whether it landed.
+again); finishing a trial is not: ``set_trial_state_values`` and ``retry_lost_trial`` check
+whether it landed.
 """
 
 from __future__ import annotations
@@ -101,19 +102,21 @@ class OutageTolerantStorage(BaseStorage):
         return ride_out(lambda: getattr(self.inner, method)(*args, **kwargs), self.name, self.grace_s)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
-        """Finishing a trial, retried: when the connection broke after the first attempt's commit,
-        the retry finds the trial already in that state with those values, and that attempt
-        counts as the one that landed (repeating it would fail as "already finished", and a
-        sweeper would then not add the retry of a trial it failed). Only a finishing state:
-        whether a RUNNING trial is this worker's is never guessed."""
-        attempts = []
+        """Completing or pruning a trial, retried: when the connection broke after the first
+        attempt's commit, the retry finds the trial already in that state with those values, and
+        that attempt counts as the one that landed (repeating it would fail as "already
+        finished"). Only a trial's own worker completes or prunes it, so the state says who wrote
+        it; a FAIL may come from a sweeper too (``clipse.search.study.retry_lost_trial`` checks
+        that case), and whether a RUNNING trial is this worker's is never guessed."""
+        retrying = False
 
         def finish() -> bool:
-            if attempts and state.is_finished():
+            nonlocal retrying
+            if retrying and state in (TrialState.COMPLETE, TrialState.PRUNED):
                 trial = self.inner.get_trial(trial_id)
                 if trial.state == state and list(trial.values or []) == list(values or []):
                     return True
-            attempts.append(time.monotonic())
+            retrying = True
             return self.inner.set_trial_state_values(trial_id, state, values)
 
         return ride_out(finish, self.name, self.grace_s)

@@ -100,10 +100,9 @@ class StudySettings:
     def zeroshot_excess(self, start_top1: float | None, best_top1: float | None) -> float:
         """The trial's ``ZEROSHOT_CONSTRAINT`` value (feasible when <= 0): how many points of
         zero-shot top-1 its checkpoint lost beyond ``max_zeroshot_drop``, against the starting
-        model. A trial that measured none counts as having lost everything."""
+        model. A trial that measured none is infeasible (100, whatever the maximum)."""
         measured = all(v is not None and math.isfinite(v) for v in (start_top1, best_top1))
-        drop = 100.0 * (start_top1 - best_top1) if measured else 100.0
-        return drop - self.max_zeroshot_drop
+        return 100.0 * (start_top1 - best_top1) - self.max_zeroshot_drop if measured else 100.0
 
     def build_pruner(self) -> optuna.pruners.BasePruner:
         if self.pruner == "median":
@@ -391,8 +390,9 @@ def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_r
     try:
         _mark_lost(study, trial, reason)
         study.tell(trial.number, state=TrialState.FAIL)
-    except Exception:  # already finished by its worker or by another sweeper
-        return False
+    except Exception:  # already finished by its worker or by another sweeper, or by this call
+        if not _failed_here(study, trial, reason):
+            return False
     if attempt <= max_retries and trial.params:
         attrs = {RETRY_OF_ATTR: trial.number, ATTEMPT_ATTR: attempt + 1}
         if RUN_DIR_ATTR in trial.user_attrs:
@@ -402,6 +402,16 @@ def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_r
             system_attrs={k: v for k, v in trial.system_attrs.items() if k != LOST_ATTR},
             intermediate_values=trial.intermediate_values))
     return True
+
+
+def _failed_here(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    """Whether the FAIL that made ``tell`` refuse was this sweep's own: a connection that broke
+    after the write committed is retried (``clipse.search.outages``) and then finds the trial
+    finished. It was when the trial failed as lost for this reason, with no error of its own
+    run (a worker that fails its trial records one) and no retry yet."""
+    now = study._storage.get_trial(trial._trial_id)
+    return (now.state == TrialState.FAIL and now.system_attrs.get(LOST_ATTR) == reason and "error" not in now.user_attrs
+            and trial.number not in retried_numbers(study.get_trials(deepcopy=False)))
 
 
 def sweep_lost_trials(study: optuna.Study, *, grace_s: float, worker_gone: WorkerGone, max_retries: int) -> list[int]:
