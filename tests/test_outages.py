@@ -131,6 +131,28 @@ def test_a_study_runs_through_the_proxy():
     assert len(study.get_trials()) == 3 and study.best_value <= 1
 
 
+class TwoOutages(InMemoryStorage):
+    """Unreachable for 0.35 s, back for 0.2 s, unreachable again for 0.35 s."""
+
+    def __init__(self):
+        super().__init__()
+        self.began = time.monotonic()
+
+    def get_all_studies(self):
+        since = time.monotonic() - self.began
+        if since < 0.35 or 0.55 <= since < 0.9:
+            raise REFUSED
+        return super().get_all_studies()
+
+
+def test_a_storage_back_between_two_outages_is_seen_to_be():
+    """Each outage is shorter than the grace, their span is not: the waits between attempts
+    (a tenth of the grace at most) see the storage back in between, so nothing gives up."""
+    storage = OutageTolerantStorage(TwoOutages(), "db", grace_s=0.8)
+    while time.monotonic() - storage.inner.began < 1.0:
+        assert storage.get_all_studies() == []
+
+
 class LostAcknowledgement(InMemoryStorage):
     """Its next ``set_trial_state_values`` after ``break_next`` commits, then the connection breaks."""
 

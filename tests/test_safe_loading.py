@@ -53,7 +53,7 @@ def one_line_refusal(code, err, path):
 @pytest.mark.slow
 def test_pretrained_refuses_it(evil, tmp_path):
     path, marker = evil
-    result = subprocess.run([sys.executable, "-m", "clipse.train", "--pretrained", str(path), *TINY,
+    result = subprocess.run([sys.executable, "-m", "clipse.train", *TINY, "--pretrained", str(path),
                              "--run-dir", str(tmp_path / "run"), "--registry", str(tmp_path / "r.csv")],
                             capture_output=True, text=True)
     one_line_refusal(result.returncode, result.stderr, path)

@@ -163,7 +163,8 @@ def test_enqueued_points_come_first_and_are_not_repeated(tmp_path, stepped_space
 def test_enqueue_defaults_starts_from_the_documented_settings(tmp_path):
     run_search(options(tmp_path, "bandpass", 1, enqueue="defaults", pruner="none"))
     trial = load_study(tmp_path, "bandpass").get_trials()[0]
-    assert trial.params == {"lr": 0.002, "weight_decay": 0.1, "init_temperature": 0.03, "topical_batching": False,
+    # the fine-tuning defaults (the temperature is the checkpoint's own, not searched)
+    assert trial.params == {"lr": 0.001, "warmup_epochs": 1.0, "weight_decay": 0.1, "topical_batching": False,
                             "alpha": 0.2, "m1": 0.2, "m2": 0.85, "gamma": 0.75, "rho": 0.5}
 
 

@@ -38,6 +38,7 @@ from clipse.util.errors import StorageUnreachable
 STORAGE_GRACE_S = 600.0     # how long a storage may be unreachable before a command gives up
 FIRST_WAIT_S = 0.5
 LONGEST_WAIT_S = 15.0
+PROBES_PER_GRACE = 10       # the wait between attempts is at most a tenth of the grace
 TRANSIENT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
                               errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EIO, errno.ESTALE, errno.ENOENT,
                               errno.EAGAIN, errno.ENOLCK})
@@ -138,7 +139,10 @@ def ride_out(call: Callable[[], Any], name: str, grace_s: float) -> Any:
                                          "the same command again once it is back (the study resumes where it "
                                          "stopped)") from None
             time.sleep(min(wait, grace_s - elapsed))
-            wait = min(2 * wait, LONGEST_WAIT_S)
+            # Probed often enough that a storage back for a while between two outages is seen to be
+            # (any call of the process that succeeds ends the outage): only a storage unreachable at
+            # every probe for the whole grace counts as down that long.
+            wait = min(2 * wait, LONGEST_WAIT_S, grace_s / PROBES_PER_GRACE)
             continue
         _outage_ended(name)
         return result
