@@ -1,8 +1,10 @@
-"""Two runs of the same search side by side: which trials got the same parameters, states and
-values, and where they part. For checking that a change leaves a search as it was (or says by
-how much it moved it).
+"""Two searches side by side: which trials got the same parameters, states and values, and where
+they part. For checking that a change leaves a search as it was (or says by how much it moved
+it), and for a paired comparison of two studies that differ in one fixed setting (the same space
+and sampler seed draw the same start-up trials): over the trials with the same parameters that
+completed in both, each study's mean best validation value and the per-trial differences.
 
-    python benchmarks/compare_studies.py STUDY_A_JOURNAL STUDY_B_JOURNAL [--study bandpass]
+    python benchmarks/compare_studies.py STUDY_A_JOURNAL STUDY_B_JOURNAL [--study bandpass] [--study-b NAME]
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ def main() -> int:
     parser.add_argument("a", help="journal (or RDB URL) of the first search")
     parser.add_argument("b", help="journal (or RDB URL) of the second search")
     parser.add_argument("--study", default="bandpass")
+    parser.add_argument("--study-b", help="the second search's study name (default: --study)")
     args = parser.parse_args()
-    a, b = trials(args.a, args.study), trials(args.b, args.study)
+    a, b = trials(args.a, args.study), trials(args.b, args.study_b or args.study)
     same_params = same_state = same_values = 0
     first_difference = None
     largest = 0.0
+    paired: list[tuple[float, float]] = []  # best per-epoch value of a and b, same parameters, both complete
     for number in range(max(len(a), len(b))):
         ta = a[number] if number < len(a) else None
         tb = b[number] if number < len(b) else None
@@ -55,9 +59,16 @@ def main() -> int:
             largest = max(largest, max(abs(ta.intermediate_values[e] - tb.intermediate_values[e]) for e in shared))
         if first_difference is None and not (params and values and ta.state == tb.state):
             first_difference = number
+        if params and ta.state == tb.state == optuna.trial.TrialState.COMPLETE:
+            paired.append((max(ta.intermediate_values.values()), max(tb.intermediate_values.values())))
     print(f"{len(a)} and {len(b)} trials; same parameters: {same_params}, same state: {same_state}, "
           f"same per-epoch values: {same_values}")
     print(f"largest difference of a per-epoch value between trials with the same parameters: {largest:.6f}")
+    if paired:
+        differences = [vb - va for va, vb in paired]
+        print(f"{len(paired)} trials with the same parameters completed in both: mean best value "
+              f"{sum(va for va, _ in paired) / len(paired):.4f} (a) vs {sum(vb for _, vb in paired) / len(paired):.4f} (b); "
+              f"b - a per trial {min(differences):+.4f} to {max(differences):+.4f}")
     if first_difference is not None:
         print(f"first trial that differs: {first_difference}: {describe(a[first_difference])} vs "
               f"{describe(b[first_difference])}")
