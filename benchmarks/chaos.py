@@ -19,7 +19,8 @@ command runs to the end, and the soak checks and prints:
     last run ends with 0;
   - the study reached its total, and no trial is left RUNNING or WAITING; the journal is sound;
   - no COMPLETE or PRUNED record seen during the soak was lost or changed;
-  - no two completed trials share a run folder, and each folder's settings are its trial's;
+  - no two completed trials share a run folder or their parameters, and each folder's settings
+    are its trial's;
   - every completed trial's run folder, checkpoints, result.json and its one registry row exist
     and agree with its value;
   - every retried trial resumed from its last checkpoint: no epoch its lost attempt had reported
@@ -342,6 +343,11 @@ def verify(soak: Soak) -> list[str]:
         problems += [f"trial {t.number} failed for good: "
                      f"{t.system_attrs.get(LOST_ATTR) or t.user_attrs.get('error') or 'no reason recorded'}"
                      for t in trials if t.state == optuna.trial.TrialState.FAIL and t.number not in retried]
+    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    params = [tuple(sorted(t.params.items())) for t in counted]
+    twice = sorted({t.number for t, p in zip(counted, params) if params.count(p) > 1})
+    if twice:
+        problems.append(f"trials {twice} trained the same parameters (each point counts once)")
     left = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     if left:
         problems.append(f"trials left running or waiting: {left}")

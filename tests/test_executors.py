@@ -125,24 +125,51 @@ def test_inline_refuses_several_workers(tmp_path):
         executor_from_options(ExecutorOptions(executor="inline", workers=2), tmp_path)
 
 
+def one_local_worker_sleeping(tmp_path):
+    """(executor, its sleeping task, the worker's pid): one local worker in the middle of a task."""
+    executor = executor_from_options(ExecutorOptions(executor="local", workers=1, resources=Resources(cpus=1)),
+                                     tmp_path)
+    marker = tmp_path / "started"
+    sleeping = Task(executor_tasks.sleeps, (600, str(marker)))
+    executor.submit([sleeping])
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        executor.wait([sleeping], 0.5)
+    return executor, sleeping, int(marker.read_text())
+
+
 def test_a_local_worker_interrupted_alone_is_replaced(tmp_path):
     """SIGINT to one worker (not to the coordinator) cancels its task; the next task gets a new worker."""
     import signal
 
-    executor = executor_from_options(ExecutorOptions(executor="local", workers=1, resources=Resources(cpus=1)),
-                                     tmp_path)
-    marker = tmp_path / "started"
-    interrupted = Task(executor_tasks.sleeps, (600, str(marker)))
-    executor.submit([interrupted])
+    executor, interrupted, pid = one_local_worker_sleeping(tmp_path)
+    os.kill(pid, signal.SIGINT)
     deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline:
-        executor.wait([interrupted], 0.5)
-    os.kill(int(marker.read_text()), signal.SIGINT)
     while not interrupted.finished and time.time() < deadline:
         executor.wait([interrupted], 0.5)
     assert interrupted.state == CANCELLED
     (after,) = run_to_end(executor, [Task(executor_tasks.identity, ("after",))])
-    assert after.state == DONE and after.result[1]["pid"] != int(marker.read_text())
+    assert after.state == DONE and after.result[1]["pid"] != pid
+    executor.close()
+
+
+def test_a_local_worker_killed_just_before_more_work_arrives_still_loses_its_task(tmp_path):
+    """The new work reuses the dead worker's slot before any wait has seen the death: its task
+    must end lost, not stay running forever (a search would wait for it without end)."""
+    import signal
+
+    executor, killed, pid = one_local_worker_sleeping(tmp_path)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 60
+    while executor._workers[0][0].is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    after = Task(executor_tasks.identity, ("after",))
+    executor.submit([after])  # dispatches into the dead worker's slot at once
+    deadline = time.time() + 60
+    while not (killed.finished and after.finished) and time.time() < deadline:
+        executor.wait([t for t in (killed, after) if not t.finished], 0.5)
+    assert killed.state == LOST and "died" in killed.error
+    assert after.state == DONE and after.result[0] == "after"
     executor.close()
 
 

@@ -168,7 +168,7 @@ class LostAcknowledgement(InMemoryStorage):
         return changed
 
 
-def test_a_finish_whose_commit_beat_the_break_counts_as_done():
+def test_a_finish_whose_commit_beat_the_break_counts_as_done(tmp_path):
     storage = OutageTolerantStorage(LostAcknowledgement(), "memory", grace_s=30)
     study = optuna.create_study(storage=storage, direction="maximize")
     x = {"x": optuna.distributions.FloatDistribution(0, 1)}
@@ -179,7 +179,7 @@ def test_a_finish_whose_commit_beat_the_break_counts_as_done():
     # the coordinator failing a lost trial over such a break still adds its retry
     lost = study.ask(x)
     storage.inner.break_next = True
-    assert retry_lost_trial(study, study.trials[lost.number], "worker gone", max_retries=3)
+    assert retry_lost_trial(study, study.trials[lost.number], "worker gone", max_retries=3, lock=tmp_path / "ask.lock")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "WAITING"]
     assert study.trials[2].user_attrs[RETRY_OF_ATTR] == lost.number
     # taking a WAITING trial is never guessed: a RUNNING trial found on the retry may be another

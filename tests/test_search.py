@@ -26,17 +26,22 @@ from clipse.search import objective as objective_module
 from clipse.search.command import SearchOptions, TrialWorkload, run_search
 from clipse.search.command import main as search_main
 from clipse.search.objective import StudyRef
+from clipse.search.spaces import SearchSpace
 from clipse.search.study import (
     HEARTBEAT_ATTR,
     LOST_ATTR,
     OWNER_ATTR,
+    RETRY_OF_ATTR,
     SETTINGS_ATTR,
     count_trials,
     open_storage,
     retry_lost_trial,
+    retry_orphaned_losses,
+    stored_settings,
     sweep_lost_trials,
     take_trial,
 )
+from clipse.search.study import load_study as load_study_as_a_worker
 from clipse.training.trainer import EpochReport
 from clipse.util.errors import UserError
 
@@ -219,7 +224,8 @@ def _study_with_running_trials(tmp_path, *owners_and_beats):
 def test_a_stale_heartbeat_marks_a_trial_lost_and_a_fresh_one_does_not(tmp_path):
     elsewhere = {"kind": "process", "host": "another-host", "pid": 1, "session": "s"}  # no pid to check here
     study = _study_with_running_trials(tmp_path, (elsewhere, 1000.0), (elsewhere, 5.0))
-    assert sweep_lost_trials(study, grace_s=120, worker_gone=lambda owner: None, max_retries=2) == [0]
+    assert sweep_lost_trials(study, grace_s=120, worker_gone=lambda owner: None, max_retries=2,
+                             lock=tmp_path / "ask.lock") == [0]
     stale, fresh, retry = study.get_trials()
     assert stale.state == TrialState.FAIL and stale.system_attrs[LOST_ATTR].startswith("no heartbeat for")
     assert fresh.state == TrialState.RUNNING
@@ -230,7 +236,7 @@ def test_a_trial_out_of_retries_fails_for_good(tmp_path):
     study = _study_with_running_trials(tmp_path, ({"kind": "process", "host": "h", "pid": 1, "session": "s"}, 0))
     lost = study.get_trials()[0]
     for attempt, retried in ((1, True), (2, True), (3, False)):  # --max-retries 2: two retries, then no more
-        assert retry_lost_trial(study, lost, "lost in a test", max_retries=2)
+        assert retry_lost_trial(study, lost, "lost in a test", max_retries=2, lock=tmp_path / "ask.lock")
         assert was_retried(study, lost) is retried
         if not retried:
             break
@@ -239,6 +245,61 @@ def test_a_trial_out_of_retries_fails_for_good(tmp_path):
         lost = next(t for t in study.get_trials() if t.number == lost.number)
     counts = count_trials(study)
     assert counts.failed == 1 and counts.waiting == 0 and len(study.get_trials()) == 3
+
+
+def _fail_as_lost_without_retry(study, trial, reason="worker gone"):
+    """What a sweeper killed between its two writes leaves: the FAIL, and no retry."""
+    study._storage.set_trial_system_attr(trial._trial_id, LOST_ATTR, reason)
+    study.tell(trial.number, state=TrialState.FAIL)
+
+
+def test_a_lost_trial_whose_retry_was_never_added_gets_it_once(tmp_path):
+    owner = {"kind": "process", "host": "h", "pid": 1, "session": "s"}
+    study = _study_with_running_trials(tmp_path, (owner, 0), (owner, 0), (owner, 0))
+    orphan, real_failure, plain_fail = study.get_trials()
+    _fail_as_lost_without_retry(study, orphan)
+    study._storage.set_trial_user_attr(real_failure._trial_id, "error", "ValueError: a bug")  # its run failed
+    _fail_as_lost_without_retry(study, real_failure)
+    study.tell(plain_fail.number, state=TrialState.FAIL)  # failed by its worker: not a loss
+    assert count_trials(study).failed == 3
+    assert retry_orphaned_losses(study, max_retries=2, lock=tmp_path / "ask.lock") == [orphan.number]
+    retry = study.get_trials()[-1]
+    assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_OF_ATTR] == orphan.number
+    assert retry.params == orphan.params and LOST_ATTR not in retry.system_attrs
+    assert retry_orphaned_losses(study, max_retries=2, lock=tmp_path / "ask.lock") == []  # once
+    assert count_trials(study).failed == 2
+
+
+@pytest.mark.slow
+def test_a_search_gives_an_orphaned_loss_its_retry(tmp_path):
+    """A search resumed after a sweeper stopped between a lost trial's FAIL and its retry trains
+    the retry, instead of ending with a trial failed for good."""
+    assert run_search(options(tmp_path, "baseline", 1, pruner="none")).counts.finished == 1
+    study = optuna.load_study(study_name="baseline", storage=open_storage(str(tmp_path / "studies" / "baseline" / "journal.log")))
+    lost = study.ask()
+    lost.suggest_float("lr", 1e-4, 3e-3, log=True)
+    _fail_as_lost_without_retry(study, study.get_trials()[-1])
+    result = run_search(options(tmp_path, "baseline", 2, pruner="none"))
+    assert result.counts.failed == 0 and result.counts.complete == 2
+    retry = study.get_trials()[-1]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs[RETRY_OF_ATTR] == lost.number
+
+
+def RANDOM(trials_so_far):
+    return optuna.samplers.RandomSampler(seed=trials_so_far)
+
+
+def test_two_workers_that_loaded_the_study_together_draw_different_parameters(tmp_path):
+    """Both workers counted the same trials when they loaded the study; the sampler each asks
+    with is built under the ask lock, so the second one's seed has moved past the first's trial."""
+    run_search(options(tmp_path, "baseline", 1, pruner="none"))
+    storage = str(tmp_path / "studies" / "baseline" / "journal.log")
+    first, second = load_study_as_a_worker("baseline", storage), load_study_as_a_worker("baseline", storage)  # same count
+    settings = stored_settings(first)
+    space = SearchSpace.from_dict(settings.space_definition)
+    drawn = [space.suggest(take_trial(worker, 3, tmp_path / "ask.lock", settings.build_sampler))
+             for worker in (first, second)]
+    assert drawn[0] != drawn[1]
 
 
 def test_two_workers_asking_at_once_never_take_more_than_the_total(tmp_path, monkeypatch):
@@ -259,7 +320,7 @@ def test_two_workers_asking_at_once_never_take_more_than_the_total(tmp_path, mon
 
     def worker():
         own = optuna.load_study(study_name="s", storage=open_storage(storage))  # each worker opens the study
-        taken.append(take_trial(own, 2, tmp_path / "ask.lock"))
+        taken.append(take_trial(own, 2, tmp_path / "ask.lock", RANDOM))
 
     threads = [threading.Thread(target=worker) for _ in range(2)]
     for thread in threads:
@@ -270,9 +331,9 @@ def test_two_workers_asking_at_once_never_take_more_than_the_total(tmp_path, mon
     assert len(study.get_trials()) == 2
     next(trial for trial in taken if trial).suggest_float("lr", 0.1, 1.0)
     retry = study.get_trials()[1]  # lost: its retry is still taken, though the total is reached
-    assert retry_lost_trial(study, retry, "lost in a test", max_retries=1)
-    assert take_trial(study, 2, tmp_path / "ask.lock").number == 2
-    assert take_trial(study, 2, tmp_path / "ask.lock") is None
+    assert retry_lost_trial(study, retry, "lost in a test", max_retries=1, lock=tmp_path / "ask.lock")
+    assert take_trial(study, 2, tmp_path / "ask.lock", RANDOM).number == 2
+    assert take_trial(study, 2, tmp_path / "ask.lock", RANDOM) is None
 
 
 @pytest.mark.slow

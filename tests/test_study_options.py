@@ -87,7 +87,7 @@ def test_several_objectives_cannot_be_pruned_or_named_twice(tmp_path):
         run_search(options(tmp_path, "debias", 2, metric="val_i2t_r1,val_r5"))
 
 
-def test_a_retry_keeps_the_grid_point_of_the_lost_trial():
+def test_a_retry_keeps_the_grid_point_of_the_lost_trial(tmp_path):
     """A lost trial's retry must train the same grid point, and the grid still gets every point
     exactly once among the trials that count."""
     grid = {"x": [0, 1, 2, 3]}
@@ -96,7 +96,7 @@ def test_a_retry_keeps_the_grid_point_of_the_lost_trial():
     study = optuna.create_study(sampler=build_sampler("grid", 0, 0, space, 0))
     lost = study.ask()
     lost.suggest_categorical("x", grid["x"])
-    assert retry_lost_trial(study, study.get_trials()[0], "its worker died", max_retries=1)
+    assert retry_lost_trial(study, study.get_trials()[0], "its worker died", max_retries=1, lock=tmp_path / "ask.lock")
     for _ in range(4):
         trial = study.ask()
         study.tell(trial, float(trial.suggest_categorical("x", grid["x"])))

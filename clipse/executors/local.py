@@ -144,7 +144,9 @@ class LocalExecutor(Executor):
         for slot in range(self._size):
             if not self._queue:
                 return
-            if slot not in self._workers or not self._workers[slot][0].is_alive():
+            if slot in self._workers and not self._workers[slot][0].is_alive():
+                self._worker_died(slot)  # before its slot is reused: its task must not be forgotten
+            if slot not in self._workers:
                 self._spawn(slot)
             process, connection, current = self._workers[slot]
             if current is None:
@@ -153,11 +155,19 @@ class LocalExecutor(Executor):
                 connection.send((task.fn, task.args, self._threads(task)))
                 self._workers[slot] = (process, connection, task)
 
+    def _worker_died(self, slot: int) -> None:
+        """The slot's worker is gone: the task it held (if any) is lost; the slot is free."""
+        process, _, task = self._workers.pop(slot)
+        process.join(timeout=5)
+        if task is not None:
+            task.state, task.error = LOST, f"worker process {process.pid} died (exit code {process.exitcode})"
+            log.warning("%s", task.error)
+
     def wait(self, tasks, timeout):
         self._dispatch()
         busy = {slot: w for slot, w in self._workers.items() if w[2] is not None}
         if not busy:
-            time.sleep(min(timeout, 0.2) if self._queue else 0)
+            time.sleep(min(timeout, 0.2))
             return
         handles = {}
         for slot, (process, connection, _) in busy.items():
@@ -171,10 +181,7 @@ class LocalExecutor(Executor):
             try:
                 state, payload = connection.recv()
             except (EOFError, OSError):
-                process.join(timeout=5)
-                task.state, task.error = LOST, f"worker process {process.pid} died (exit code {process.exitcode})"
-                log.warning("%s", task.error)
-                del self._workers[slot]
+                self._worker_died(slot)
                 continue
             except Exception as exc:  # the outcome arrived but cannot be unpickled here
                 task.state, task.error = FAILED, f"{type(exc).__name__} reading the result: {exc}"

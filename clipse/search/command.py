@@ -68,6 +68,7 @@ from clipse.search.study import (
     default_of_setting,
     open_storage,
     ranked_trials,
+    retry_orphaned_losses,
     secure_storage,
     stored_settings,
     study_names,
@@ -253,8 +254,10 @@ class TrialWorkload(Workload):
     def sweep(self, executor: Executor) -> None:
         # after an outage, workers need as long again to get their heartbeats through
         grace = self.grace_s + recent_outage_s(self.ref.storage, self.grace_s)
+        lock = self.ref.folder.ask_lock
         sweep_lost_trials(self.study, grace_s=grace, worker_gone=executor.worker_gone,
-                          max_retries=self.execution.max_retries)
+                          max_retries=self.execution.max_retries, lock=lock)
+        retry_orphaned_losses(self.study, self.execution.max_retries, lock)
         self.counts = count_trials(self.study, self.ref.session)
 
     def wanted(self, room: int, outstanding: int) -> list[Task]:
@@ -281,7 +284,7 @@ class TrialWorkload(Workload):
         the next run resumes them from their checkpoints (unless the work runs on detached)."""
         if stopped:
             sweep_session(self.study, self.ref.session, "its worker was stopped (interrupted or cancelled)",
-                          self.execution.max_retries)
+                          self.execution.max_retries, self.ref.folder.ask_lock)
 
 
 def warm_start_points(space: SearchSpace, source: str, sampler: str) -> list[dict[str, Any]]:

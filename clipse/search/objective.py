@@ -255,7 +255,7 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
     elif previous is not None and previous.number not in retried_numbers(trials):
         return _outcome(previous)  # restarted after its trial had finished: nothing more to do
     else:
-        trial = take_trial(study, ref.total, ref.folder.ask_lock)
+        trial = take_trial(study, ref.total, ref.folder.ask_lock, settings.build_sampler)
         if trial is None:
             return TrialOutcome(-1, "SKIPPED")
     trial.set_user_attr(OWNER_ATTR, {**environment.identity(), "session": ref.session})
@@ -268,7 +268,8 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialOutcome(trial.number, "PRUNED", error=str(pruned) or None)
         except KeyboardInterrupt:
-            retry_lost_trial(study, _frozen(study, trial.number), "interrupted (Ctrl-C)", max_retries)
+            retry_lost_trial(study, _frozen(study, trial.number), "interrupted (Ctrl-C)", max_retries,
+                             ref.folder.ask_lock)
             raise
         except StorageUnreachable:
             raise  # nothing can be written: the trial stays RUNNING, and the next run retries it
@@ -277,7 +278,7 @@ def run_trial_task(ref: StudyRef, max_retries: int) -> TrialOutcome:
             trial.set_user_attr("error", text)
             # The run folder keeps its last checkpoint: a retry resumes (once space is freed, on sound ranks).
             if is_storage_full(exc) or isinstance(exc, RankLost):
-                retry_lost_trial(study, _frozen(study, trial.number), text, max_retries)
+                retry_lost_trial(study, _frozen(study, trial.number), text, max_retries, ref.folder.ask_lock)
                 return TrialOutcome(trial.number, "FAIL", error=text)
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
             study.tell(trial, state=TrialState.FAIL)

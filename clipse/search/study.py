@@ -318,15 +318,20 @@ def count_trials(study: optuna.Study, session: str | None = None) -> TrialCounts
     return counts
 
 
-def take_trial(study: optuna.Study, total: int | None, lock: Path) -> optuna.Trial | None:
+def take_trial(study: optuna.Study, total: int | None, lock: Path,
+               sampler_for: Callable[[int], optuna.samplers.BaseSampler]) -> optuna.Trial | None:
     """A queued trial (a retry, an enqueued point) if there is one, else a new one while the study
     is short of ``total``; None when it has every trial it needs. Workers check and ask under
     ``lock``: two that both saw one trial missing would otherwise both create one, and the
-    surplus trial could complete the study while a retry was still queued, leaving it WAITING."""
+    surplus trial could complete the study while a retry was still queued, leaving it WAITING.
+    The sampler is built there too (``sampler_for(trials so far)``, ``StudySettings.build_sampler``):
+    two workers that loaded the study at the same moment would otherwise draw with the same seed
+    and ask for the same parameters."""
     with exclusive_lock(lock):
         counts = count_trials(study)
         if total is not None and not counts.waiting and counts.finished + counts.running >= total:
             return None
+        study.sampler = sampler_for(len(study.get_trials(deepcopy=False)))
         return study.ask()
 
 
@@ -381,18 +386,43 @@ def lost_reason(trial: FrozenTrial, grace_s: float, worker_gone: WorkerGone, now
     return None
 
 
-def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retries: int) -> bool:
+def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retries: int, lock: Path) -> bool:
     """Fail a lost trial and, within ``max_retries``, add a retry with the same parameters,
     reported epochs and sampler state (the grid point it stands for, a CMA-ES generation) that
-    resumes its run folder. Safe when several sweepers race: only the one
-    whose FAIL lands adds the retry. Returns whether this call failed the trial."""
+    resumes its run folder. Safe when several sweepers race: only the one whose FAIL lands adds
+    the retry. Both writes happen under ``lock`` (the study's ask lock), so a FAIL without its
+    retry seen under the lock was left by a process stopped between them
+    (``retry_orphaned_losses``). Returns whether this call failed the trial."""
+    with exclusive_lock(lock):
+        try:
+            _mark_lost(study, trial, reason)
+            study.tell(trial.number, state=TrialState.FAIL)
+        except Exception:  # already finished by its worker or by another sweeper, or by this call
+            if not _failed_here(study, trial, reason):
+                return False
+        _add_retry(study, trial, max_retries)
+    return True
+
+
+def retry_orphaned_losses(study: optuna.Study, max_retries: int, lock: Path) -> list[int]:
+    """Add the retry a lost trial never got: the process that failed it was killed, interrupted
+    or out of storage grace between the FAIL and the retry. Returns the trials given one."""
+    def orphans(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        retried = retried_numbers(trials)
+        return [t for t in trials if t.state == TrialState.FAIL and LOST_ATTR in t.system_attrs
+                and "error" not in t.user_attrs and t.number not in retried]
+
+    if not orphans(study.get_trials(deepcopy=False)):
+        return []
+    with exclusive_lock(lock):  # no sweeper is between its two writes now
+        found = orphans(study.get_trials(deepcopy=False))
+        for trial in found:
+            _add_retry(study, trial, max_retries)
+    return [t.number for t in found]
+
+
+def _add_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> None:
     attempt = int(trial.user_attrs.get(ATTEMPT_ATTR, 1))
-    try:
-        _mark_lost(study, trial, reason)
-        study.tell(trial.number, state=TrialState.FAIL)
-    except Exception:  # already finished by its worker or by another sweeper, or by this call
-        if not _failed_here(study, trial, reason):
-            return False
     if attempt <= max_retries and trial.params:
         attrs = {RETRY_OF_ATTR: trial.number, ATTEMPT_ATTR: attempt + 1}
         if RUN_DIR_ATTR in trial.user_attrs:
@@ -401,7 +431,6 @@ def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_r
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=attrs,
             system_attrs={k: v for k, v in trial.system_attrs.items() if k != LOST_ATTR},
             intermediate_values=trial.intermediate_values))
-    return True
 
 
 def _failed_here(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
@@ -414,24 +443,25 @@ def _failed_here(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
             and trial.number not in retried_numbers(study.get_trials(deepcopy=False)))
 
 
-def sweep_lost_trials(study: optuna.Study, *, grace_s: float, worker_gone: WorkerGone, max_retries: int) -> list[int]:
+def sweep_lost_trials(study: optuna.Study, *, grace_s: float, worker_gone: WorkerGone, max_retries: int,
+                      lock: Path) -> list[int]:
     """Fail and retry RUNNING trials whose worker is gone; returns their numbers."""
     now = time.time()
     swept = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = lost_reason(trial, grace_s, worker_gone, now)
-        if reason and retry_lost_trial(study, trial, reason, max_retries):
+        if reason and retry_lost_trial(study, trial, reason, max_retries, lock):
             swept.append(trial.number)
     return swept
 
 
-def sweep_session(study: optuna.Study, session: str, reason: str, max_retries: int) -> list[int]:
+def sweep_session(study: optuna.Study, session: str, reason: str, max_retries: int, lock: Path) -> list[int]:
     """Fail and retry every RUNNING trial of ``session``, whose workers the caller knows have
     stopped (after Ctrl-C or a cancel), whatever their heartbeats say."""
     swept = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if (trial.user_attrs.get(OWNER_ATTR) or {}).get("session") == session:
-            if retry_lost_trial(study, trial, reason, max_retries):
+            if retry_lost_trial(study, trial, reason, max_retries, lock):
                 swept.append(trial.number)
     return swept
 
