@@ -48,6 +48,7 @@ def with_password(url, password):
 
 @pytest.mark.postgres
 @pytest.mark.slow
+@pytest.mark.long
 def test_password_in_the_url_is_kept_out_of_everything(postgres_secret, tmp_path):
     url, password = postgres_secret
     result = search(tmp_path, with_password(url, password), 2, "--workers", "2")

@@ -64,6 +64,7 @@ def test_micro_batches_give_the_full_batch_gradient(loss):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("loss", LOSSES)
 def test_two_processes_compute_one_process_on_the_global_batch(tmp_path, loss):
     """Also with an odd batch (shares of 12 and 11) and with micro-batches on each rank."""
@@ -86,6 +87,7 @@ def train(tmp_path, run, *args, timeout=300):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_train_with_two_processes_logs_the_losses_of_one(tmp_path):
     one = train(tmp_path, "one", "--epochs", "2")
     two = train(tmp_path, "two", "--epochs", "2", "--nproc", "2")
@@ -168,6 +170,7 @@ def test_a_killed_rank_ends_the_run_in_one_line_and_resume_finishes_it(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_search_trains_its_trials_over_two_processes(tmp_path):
     result = subprocess.run([sys.executable, "-m", "clipse.search", "--space", "debias", "--trials", "1", "--executor",
                              "local", "--workers", "1", "--nproc", "2", "--micro-batch", "16", "--epochs", "1",

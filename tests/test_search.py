@@ -472,6 +472,7 @@ def test_optuna_dashboard_reads_the_study_over_http(tmp_path):
 
 @pytest.mark.postgres
 @pytest.mark.slow
+@pytest.mark.long
 def test_local_workers_share_a_postgresql_study(tmp_path, postgres_url):
     result = cli(tmp_path, *search_args(tmp_path, "bandpass", 6, "--workers", "3", "--storage", postgres_url))
     assert result.returncode == 0, result.stderr

@@ -53,6 +53,7 @@ def squeue(name):
     return [line.split() for line in out.splitlines() if line.strip()]
 
 
+@pytest.mark.long
 def test_trials_run_as_a_job_array_with_fake_gpus(slurm_cluster, tmp_path):
     """... and record to the study's MLflow store (the default SQLite file) from their jobs."""
     result = run(tmp_path, *args_for(tmp_path, "debias", 2, "--workers", "2", "--gpus-per-node", "1",
