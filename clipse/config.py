@@ -338,6 +338,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] 
             add_argument(parser, f, dest=f"cfg_{key}", default=argparse.SUPPRESS, shown_default=default_of(f))
 
 
+def add_tracking_arguments(parser: argparse.ArgumentParser, of: str) -> None:
+    """The experiment-tracker options (``STUDY_TRACKING_KEYS``) of the ``of`` ("runs", "trials")
+    a command trains, as a group of ``parser``."""
+    add_config_arguments(parser.add_argument_group(f"experiment trackers of the {of} (docs/reference/trackers.md)"),
+                         only=STUDY_TRACKING_KEYS)
+
+
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The user keys set on the command line."""
     return {name[4:]: value for name, value in vars(args).items() if name.startswith("cfg_")}

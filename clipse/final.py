@@ -33,9 +33,8 @@ import optuna
 from optuna.trial import TrialState
 
 from clipse.config import (
-    STUDY_TRACKING_KEYS,
     TrainConfig,
-    add_config_arguments,
+    add_tracking_arguments,
     config_overrides,
 )
 from clipse.executors import ExecutorOptions
@@ -188,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clipse.final", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, FinalOptions)
-    add_config_arguments(parser.add_argument_group("experiment trackers of the runs (docs/reference/trackers.md)"),
-                         only=STUDY_TRACKING_KEYS)
+    add_tracking_arguments(parser, "runs")
     return parser
 
 

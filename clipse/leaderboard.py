@@ -25,10 +25,9 @@ from typing import Any
 import pandas as pd
 
 from clipse.config import (
-    STUDY_TRACKING_KEYS,
     TEST_SET_KEYS,
     TrainConfig,
-    add_config_arguments,
+    add_tracking_arguments,
     config_overrides,
 )
 from clipse.evaluation.statistics import family_confidence
@@ -148,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clipse.leaderboard", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, LeaderboardOptions)
-    add_config_arguments(parser.add_argument_group("experiment trackers of the runs (docs/reference/trackers.md)"),
-                         only=STUDY_TRACKING_KEYS)
+    add_tracking_arguments(parser, "runs")
     return parser
 
 

@@ -35,6 +35,7 @@ from clipse.config import (
     STUDY_TRACKING_KEYS,
     TrainConfig,
     add_config_arguments,
+    add_tracking_arguments,
     config_overrides,
     read_yaml_document,
 )
@@ -421,8 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=f"spaces: {', '.join(available_spaces())}")
     add_arguments(parser, SearchOptions)
     add_config_arguments(parser.add_argument_group("training settings fixed for every trial"), only=TRAINING_KEYS)
-    add_config_arguments(parser.add_argument_group("experiment trackers of the trials (docs/reference/trackers.md)"),
-                         only=STUDY_TRACKING_KEYS)
+    add_tracking_arguments(parser, "trials")
     return parser
 
 
