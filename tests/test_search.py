@@ -245,6 +245,7 @@ def test_a_trial_out_of_retries_fails_for_good(tmp_path):
         lost = next(t for t in study.get_trials() if t.number == lost.number)
     counts = count_trials(study)
     assert counts.failed == 1 and counts.waiting == 0 and len(study.get_trials()) == 3
+    assert retry_orphaned_losses(study, max_retries=2, lock=tmp_path / "ask.lock") == []  # out of retries: no orphan
 
 
 def _fail_as_lost_without_retry(study, trial, reason="worker gone"):

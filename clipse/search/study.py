@@ -410,7 +410,7 @@ def retry_orphaned_losses(study: optuna.Study, max_retries: int, lock: Path) -> 
     def orphans(trials: list[FrozenTrial]) -> list[FrozenTrial]:
         retried = retried_numbers(trials)
         return [t for t in trials if t.state == TrialState.FAIL and LOST_ATTR in t.system_attrs
-                and "error" not in t.user_attrs and t.number not in retried]
+                and "error" not in t.user_attrs and t.number not in retried and _retry_left(t, max_retries)]
 
     if not orphans(study.get_trials(deepcopy=False)):
         return []
@@ -421,10 +421,13 @@ def retry_orphaned_losses(study: optuna.Study, max_retries: int, lock: Path) -> 
     return [t.number for t in found]
 
 
+def _retry_left(trial: FrozenTrial, max_retries: int) -> bool:
+    return int(trial.user_attrs.get(ATTEMPT_ATTR, 1)) <= max_retries and bool(trial.params)
+
+
 def _add_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> None:
-    attempt = int(trial.user_attrs.get(ATTEMPT_ATTR, 1))
-    if attempt <= max_retries and trial.params:
-        attrs = {RETRY_OF_ATTR: trial.number, ATTEMPT_ATTR: attempt + 1}
+    if _retry_left(trial, max_retries):
+        attrs = {RETRY_OF_ATTR: trial.number, ATTEMPT_ATTR: int(trial.user_attrs.get(ATTEMPT_ATTR, 1)) + 1}
         if RUN_DIR_ATTR in trial.user_attrs:
             attrs[RUN_DIR_ATTR] = trial.user_attrs[RUN_DIR_ATTR]
         study.add_trial(optuna.trial.create_trial(
