@@ -248,6 +248,25 @@ def test_a_trial_out_of_retries_fails_for_good(tmp_path):
     assert retry_orphaned_losses(study, max_retries=2, lock=tmp_path / "ask.lock") == []  # out of retries: no orphan
 
 
+def test_a_trial_lost_before_drawing_its_parameters_is_replaced_by_a_fresh_draw(tmp_path):
+    """A worker killed between taking its trial and drawing its parameters (a window a storage
+    outage can stretch to seconds) trained nothing: the trial it held is not one failed for good,
+    or the search would end short of its total; its retry draws parameters of its own."""
+    study = optuna.create_study(study_name="s", storage=open_storage(str(tmp_path / "journal.log")),
+                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    held = study.ask()
+    held.set_user_attr(OWNER_ATTR, {"kind": "process", "host": "h", "pid": 1, "session": "s"})
+    assert sweep_lost_trials(study, grace_s=120, worker_gone=lambda owner: "worker process 1 on h is gone",
+                             max_retries=2, lock=tmp_path / "ask.lock") == [held.number]
+    assert count_trials(study).failed == 0 and count_trials(study).waiting == 1
+    retry = study.ask()
+    assert retry.user_attrs[RETRY_OF_ATTR] == held.number and retry.user_attrs["attempt"] == 2
+    retry.suggest_float("lr", 0.1, 1.0)
+    study.tell(retry, 1.0)
+    counts = count_trials(study)
+    assert counts.complete == 1 and counts.failed == 0 and counts.finished == 1
+
+
 def _fail_as_lost_without_retry(study, trial, reason="worker gone"):
     """What a sweeper killed between its two writes leaves: the FAIL, and no retry."""
     study._storage.set_trial_system_attr(trial._trial_id, LOST_ATTR, reason)

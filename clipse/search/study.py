@@ -389,7 +389,9 @@ def lost_reason(trial: FrozenTrial, grace_s: float, worker_gone: WorkerGone, now
 def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retries: int, lock: Path) -> bool:
     """Fail a lost trial and, within ``max_retries``, add a retry with the same parameters,
     reported epochs and sampler state (the grid point it stands for, a CMA-ES generation) that
-    resumes its run folder. Safe when several sweepers race: only the one whose FAIL lands adds
+    resumes its run folder. A trial lost before it drew its parameters (its worker killed
+    between taking it and starting, a window a storage outage stretches) trained nothing: its
+    retry draws parameters of its own, so the search still reaches its total. Safe when several sweepers race: only the one whose FAIL lands adds
     the retry. Both writes happen under ``lock`` (the study's ask lock), so a FAIL without its
     retry seen under the lock was left by a process stopped between them
     (``retry_orphaned_losses``). Returns whether this call failed the trial."""
@@ -422,7 +424,7 @@ def retry_orphaned_losses(study: optuna.Study, max_retries: int, lock: Path) -> 
 
 
 def _retry_left(trial: FrozenTrial, max_retries: int) -> bool:
-    return int(trial.user_attrs.get(ATTEMPT_ATTR, 1)) <= max_retries and bool(trial.params)
+    return int(trial.user_attrs.get(ATTEMPT_ATTR, 1)) <= max_retries
 
 
 def _add_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> None:
