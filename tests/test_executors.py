@@ -4,6 +4,8 @@ killed (lost, and the backend says its worker is gone), and cancel."""
 
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -209,3 +211,13 @@ def test_a_local_outcome_that_cannot_travel_fails_with_its_text(tmp_path):
     assert returned.state == FAILED and "pickle" in returned.error
     assert raised.state == FAILED and raised.error.startswith("ValueError: ") and "holds a lock" in raised.error
     assert after.state == DONE and after.result[0] == "after"
+
+
+def test_loading_the_backends_imports_no_trainer():
+    """Every local worker and SLURM job loads the backends before it knows what it runs; the
+    trainer's imports (torch, open_clip, scikit-learn: about 5 s here) are paid by the work that
+    trains, not by every process that starts."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, clipse.executors; "
+                             "print(sorted(m for m in ('torch', 'open_clip', 'sklearn', 'clipse.training') "
+                             "if m in sys.modules))"], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

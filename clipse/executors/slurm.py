@@ -33,8 +33,6 @@ from clipse.executors.base import (
     register_environment,
     running_in,
 )
-from clipse.training.distributed import session_from_environment
-from clipse.training.helper import serve
 from clipse.util.errors import UserError
 from clipse.util.fields import setting
 
@@ -93,8 +91,11 @@ class SlurmEnvironment(WorkerEnvironment):
 
 def _job_ranks():
     """A job of N tasks (a data-parallel trial): the session of its ranks, rank = task (the GPUs
-    stay visible to every task; each takes the one of its local rank)."""
+    stay visible to every task; each takes the one of its local rank). The training imports
+    (torch, open_clip) are paid here, in the job, not by every process that loads the backends."""
     import submitit
+
+    from clipse.training.distributed import session_from_environment
 
     if submitit.JobEnvironment().num_tasks <= 1:
         return contextlib.nullcontext(None)
@@ -113,6 +114,8 @@ class _Resubmittable:
     def __call__(self, *args):
         with running_in(SlurmEnvironment()), _job_ranks() as session:
             if session is not None and not session.ranks.main:  # a data-parallel run's other ranks
+                from clipse.training.helper import serve
+
                 serve(session.ranks)
                 return None
             return self.fn(*args)
