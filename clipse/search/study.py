@@ -391,10 +391,10 @@ def retry_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_r
     reported epochs and sampler state (the grid point it stands for, a CMA-ES generation) that
     resumes its run folder. A trial lost before it drew its parameters (its worker killed
     between taking it and starting, a window a storage outage stretches) trained nothing: its
-    retry draws parameters of its own, so the search still reaches its total. Safe when several sweepers race: only the one whose FAIL lands adds
-    the retry. Both writes happen under ``lock`` (the study's ask lock), so a FAIL without its
-    retry seen under the lock was left by a process stopped between them
-    (``retry_orphaned_losses``). Returns whether this call failed the trial."""
+    retry draws parameters of its own, so the search still reaches its total. Safe when several
+    sweepers race: only the one whose FAIL lands adds the retry. Both writes happen under
+    ``lock`` (the study's ask lock), so a FAIL without its retry seen under the lock was left by
+    a process stopped between them (``retry_orphaned_losses``). Returns whether this call failed the trial."""
     with exclusive_lock(lock):
         try:
             _mark_lost(study, trial, reason)
